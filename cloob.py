@@ -1,0 +1,582 @@
+"""CLIP and CLOOB in one file: configs, tokenizer, image and text towers, Hopfield retrieval, losses,
+checkpoint loading. Parameter names follow OpenAI's CLIP so its (and OpenCLIP's, and CLOOB's) weights load.
+
+CLIP  (Radford et al. 2021): symmetric InfoNCE on the normalised features, learnable temperature.
+CLOOB (Fürst et al. 2021): retrieve both modalities from modern Hopfield networks that store the batch,
+       then apply InfoLOOB (InfoNCE with the positive left out of the denominator) to the retrievals.
+"""
+import functools
+import gzip
+import hashlib
+import html
+import math
+import os
+import unicodedata
+import urllib.request
+import warnings
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class ModelConfig:
+    """Field names are the arguments of OpenAI's `CLIP(...)`. An int `vision_layers` is a ViT, a 4-tuple a
+    ModifiedResNet. Heads: ViT width/64, ResNet width*32/64 (as OpenAI). The end-of-text id is vocab_size-1."""
+    embed_dim: int = 512
+    image_resolution: int = 224
+    vision_layers: Union[int, Tuple[int, int, int, int]] = 12
+    vision_width: int = 768
+    vision_patch_size: Optional[int] = 32
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+    quick_gelu: bool = True  # x * sigmoid(1.702 x), as every OpenAI and CLOOB checkpoint; False: exact GELU
+
+
+def _preset(embed, res, layers, width, patch, text_width, text_heads=None, **kw):
+    return ModelConfig(embed, res, layers, width, patch, transformer_width=text_width,
+                       transformer_heads=text_heads or text_width // 64, **kw)
+
+
+CONFIGS = {  # OpenAI's published shapes, and two tiny ones for CPU work (byte tokenizer: 256 + start + end)
+    "RN50": _preset(1024, 224, (3, 4, 6, 3), 64, None, 512),
+    "RN101": _preset(512, 224, (3, 4, 23, 3), 64, None, 512),
+    "RN50x4": _preset(640, 288, (4, 6, 10, 6), 80, None, 640),
+    "RN50x16": _preset(768, 384, (6, 8, 18, 8), 96, None, 768),
+    "ViT-B-32": _preset(512, 224, 12, 768, 32, 512),
+    "ViT-B-16": _preset(512, 224, 12, 768, 16, 512),
+    "ViT-L-14": _preset(768, 224, 24, 1024, 14, 768),
+    "tiny-vit": _preset(64, 32, 3, 128, 4, 128, 2, context_length=48, vocab_size=258, transformer_layers=3),
+    "tiny-rn": _preset(64, 64, (1, 1, 1, 1), 16, None, 128, 2, context_length=48, vocab_size=258,
+                       transformer_layers=3),
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: OpenAI's CLIP BPE on tiktoken, any tiktoken encoding, or raw bytes
+
+BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+# The common part of ftfy.fix_text that OpenAI applies first: curly quotes, ligatures, full-width forms.
+_FTFY_LITE = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}, **{c: '"' for c in "\u201c\u201d\u201e\u201f"},
+              "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
+              "\u3000": " ", **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}}
+_FTFY_LITE = str.maketrans(_FTFY_LITE)
+
+
+def _bytes_to_unicode():
+    """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in bs)}}
+
+
+def _find_bpe(bpe_path=None):
+    """The merges file: explicit path, else $CLOOB_BPE, else the cache, else downloaded once into the cache."""
+    path = bpe_path or os.environ.get("CLOOB_BPE")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
+        return path
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cloob")
+    path = os.path.join(cache, "bpe_simple_vocab_16e6.txt.gz")
+    if not os.path.isfile(path):
+        try:
+            data = urllib.request.urlopen(BPE_URL, timeout=30).read()
+        except OSError as e:
+            raise RuntimeError(f"cannot download CLIP's BPE merges ({e}); pass bpe_path=, set CLOOB_BPE, or put "
+                               f"bpe_simple_vocab_16e6.txt.gz at {path}") from None
+        if hashlib.sha256(data).hexdigest() != BPE_SHA256:
+            raise RuntimeError(f"downloaded CLIP BPE merges from {BPE_URL} have the wrong sha256")
+        os.makedirs(cache, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _clip_encoding(path):
+    """CLIP's BPE as a tiktoken Encoding. CLIP's `x</w>` (last symbol of a word) becomes the bytes of x plus one
+    trailing space: the tokenizer joins pre-split words with spaces, and a space never occurs inside a word,
+    so tokens holding a real space byte are unreachable and dropped. Ranks are CLIP's ids, so BPE merge order
+    (lowest rank first) is CLIP's merge order, and the `x </w>` merges (ids 256..511) always come first."""
+    import tiktoken
+    u2b = {c: b for b, c in _bytes_to_unicode().items()}
+    to_bytes = lambda s: bytes(u2b[c] for c in s.removesuffix("</w>")) + (b" " if s.endswith("</w>") else b"")
+    symbols = list(u2b) + [c + "</w>" for c in u2b]
+    merges = gzip.open(path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols += ["".join(m.split()) for m in merges]
+    space = _bytes_to_unicode()[32]
+    ranks = {to_bytes(s): i for i, s in enumerate(symbols) if space not in s or s == space}
+    return tiktoken.Encoding("clip", pat_str=r"\S+ ", mergeable_ranks=ranks,
+                             special_tokens={"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+
+
+class Tokenizer:
+    """Text -> LongTensor [B, context_length]: start id, token ids, end id, zero padding. Too-long text is cut,
+    keeping the end id in the last slot (the text tower pools there). Start and end are the last two ids.
+      "clip":  OpenAI's CLIP BPE, token-for-token (49408 ids, start 49406, end 49407);
+      "bytes": UTF-8 bytes (256 ids + start + end), needs no file;
+      any tiktoken encoding name ("cl100k_base", ...): its ids, plus start and end after them."""
+
+    def __init__(self, encoding="clip", context_length=77, bpe_path=None):
+        import regex  # installed with tiktoken
+        self.name, self.context_length = encoding, context_length
+        if encoding == "bytes":
+            self.enc, n = None, 256
+        elif encoding == "clip":
+            self.enc, n = _clip_encoding(_find_bpe(bpe_path)), 49406
+            self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                                        r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        else:
+            import tiktoken
+            self.enc = tiktoken.get_encoding(encoding)
+            n = self.enc.n_vocab
+        self.sot, self.eot, self.vocab_size = n, n + 1, n + 2
+
+    def _prepare(self, text):
+        """CLIP's cleaning (ftfy-lite, html unescape twice, whitespace collapse, lower case) and pre-split."""
+        text = html.unescape(html.unescape(unicodedata.normalize("NFC", text.translate(_FTFY_LITE))))
+        return "".join(w + " " for w in self._words.findall(" ".join(text.split()).lower()))
+
+    def encode(self, text):
+        """str -> list of ids, without start and end."""
+        if self.enc is None:
+            return list(text.encode("utf-8"))
+        if self.name == "clip":  # CLIP's special tokens in the text are honoured, as OpenAI's tokenizer does
+            return self.enc.encode(self._prepare(text), allowed_special="all")
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        ids = [i for i in ids if i < self.sot]
+        return bytes(ids).decode("utf-8", "replace") if self.enc is None else self.enc.decode(ids).strip()
+
+    def __call__(self, texts):
+        """list of str (or one str) -> LongTensor [B, context_length]. A plain loop: tiktoken's threaded
+        encode_batch is several times slower than this for caption-length texts."""
+        texts = [texts] if isinstance(texts, str) else texts
+        out = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, text in zip(out, texts):
+            ids = self.encode(text)[:self.context_length - 2]
+            row[:len(ids) + 2] = [self.sot, *ids, self.eot]
+        return torch.from_numpy(out)
+
+# ----------------------------------------------------------------------------------------------------
+# Towers. Modules batch-first ([B, L, D]); state_dict names and shapes are OpenAI's.
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention's parameter layout (in_proj_weight, in_proj_bias, out_proj) on top of SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal=False):  # x [B, L, D]
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, D/H]
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu=True):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(width), Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU() if quick_gelu else nn.GELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu=True):
+        super().__init__()
+        self.width, self.layers, self.grad_checkpointing = width, layers, False
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
+
+    def forward(self, x, causal=False):  # x [B, L, D]
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, resolution, patch_size, width, layers, heads, output_dim, quick_gelu=True):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)  # patchify
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x):  # x [B, 3, R, R]
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid², width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))  # [B, grid²+1, width]
+        return self.ln_post(self.transformer(x)[:, 0]) @ self.proj  # class token -> [B, output_dim]
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck, anti-aliased: stride > 1 is an avgpool before conv3 (and before the downsample conv)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:  # "-1" keeps OpenAI's key names downsample.0 / downsample.1
+            self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)),
+                                                         ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+                                                         ("1", nn.BatchNorm2d(planes * 4))]))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class AttentionPool2d(nn.Module):
+    """One attention step whose only query is the mean token: [B, C, H, W] -> [B, output_dim]."""
+
+    def __init__(self, spacial_dim, embed_dim, heads, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.heads = heads
+
+    def forward(self, x):
+        x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, HW+1, C]
+        B, L, C = x.shape
+        heads = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # [B, H, L, C/H]
+        out = F.scaled_dot_product_attention(heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x)))
+        return self.c_proj(out.transpose(1, 2).reshape(B, C))
+
+
+class ModifiedResNet(nn.Module):
+    """OpenAI's ResNet: 3-conv stem with avgpool, anti-aliased bottlenecks, attention pooling."""
+
+    def __init__(self, layers, output_dim, heads, resolution=224, width=64):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width // 2)
+        self.conv2, self.bn2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2)
+        self.conv3, self.bn3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes, self.grad_checkpointing = width, False
+        for i, blocks in enumerate(layers):
+            planes = width * 2 ** i
+            stage = [Bottleneck(inplanes, planes, 1 if i == 0 else 2)] + [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            inplanes = planes * 4
+        self.attnpool = AttentionPool2d(resolution // 32, width * 32, heads, output_dim)
+
+    def forward(self, x):  # x [B, 3, R, R]
+        for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
+            x = F.relu(bn(conv(x)))
+        x = self.avgpool(x)
+        for block in [*self.layer1, *self.layer2, *self.layer3, *self.layer4]:
+            ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+        return self.attnpool(x)  # [B, output_dim]
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        if isinstance(c.vision_layers, (tuple, list)):
+            self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.vision_width * 32 // 64, c.image_resolution, c.vision_width)
+        else:
+            self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width, c.vision_layers,
+                                            c.vision_width // 64, c.embed_dim, c.quick_gelu)
+        self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads, c.quick_gelu)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
+        self.ln_final = nn.LayerNorm(c.transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(c.transformer_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # log inverse temperature
+        self.initialize_parameters()
+
+    def initialize_parameters(self):
+        """OpenAI's scheme: small embeddings, 1/sqrt(fan-in) attention pooling, zero last BN of each bottleneck
+        (blocks start as identity), depth-scaled residual projections in the transformers."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if isinstance(self.visual, ModifiedResNet):
+            pool = self.visual.attnpool
+            for lin in [pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj]:
+                nn.init.normal_(lin.weight, std=pool.c_proj.in_features ** -0.5)
+            for name, p in self.visual.named_parameters():
+                if name.endswith("bn3.weight") and name.startswith("layer"):
+                    nn.init.zeros_(p)
+        towers = [self.transformer] + ([self.visual.transformer] if isinstance(self.visual, VisionTransformer) else [])
+        for t in towers:
+            proj_std = t.width ** -0.5 * (2 * t.layers) ** -0.5
+            for block in t.resblocks:
+                nn.init.normal_(block.attn.in_proj_weight, std=t.width ** -0.5)
+                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * t.width) ** -0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    def set_temperature(self, inv_tau, learnable):
+        """logit_scale = ln(inv_tau). CLIP: 1/0.07, learnable. CLOOB: 30, fixed (the official recipe)."""
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(inv_tau))
+        self.logit_scale.requires_grad_(learnable)
+
+    def set_grad_checkpointing(self, enable=True):
+        for m in self.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = enable
+
+    def encode_image(self, images):  # [B, 3, R, R] -> [B, embed_dim], not normalised
+        return self.visual(images)
+
+    def encode_text(self, tokens):  # [B, L] -> [B, embed_dim], not normalised
+        x = self.token_embedding(tokens) + self.positional_embedding  # [B, L, width]
+        x = self.ln_final(self.transformer(x, causal=True))
+        eot = (tokens == self.config.vocab_size - 1).int().argmax(dim=-1)  # first end token of each row
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, images, tokens):
+        """-> L2-normalised (image_features, text_features), each [B, embed_dim]."""
+        return F.normalize(self.encode_image(images), dim=-1), F.normalize(self.encode_text(tokens), dim=-1)
+
+# ----------------------------------------------------------------------------------------------------
+# Losses. Pure functions of L2-normalised features [n, D], computed in float32 (float64 stays float64)
+# whatever the autocast state. Under torch.distributed each rank passes its own n rows; features are
+# gathered with gradient, each rank computes its n rows against all N = W*n columns (memory n*N), and
+# DDP's gradient average then equals the gradient of the single-process loss on the whole batch.
+
+
+def _full_precision(fn):
+    @functools.wraps(fn)
+    def wrapper(*args):
+        device = next(a for a in args if torch.is_tensor(a)).device
+        up = lambda a: a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a
+        with torch.autocast(device.type, enabled=False):
+            return fn(*map(up, args))
+    return wrapper
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllGather(torch.autograd.Function):
+    """[n, D] on each rank -> [W*n, D]. Backward sums every rank's gradient of its slice: each rank's loss
+    depends on all ranks' features, and DDP's mean over ranks then gives the full-batch gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather(x):
+    """All ranks' rows (with gradient) and where this rank's rows start; identity in one process."""
+    if not _distributed():
+        return x, 0
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
+
+
+def _check_batch(n):
+    if n < 2:
+        raise ValueError(f"contrastive loss needs a global batch of at least 2 samples, got {n}")
+
+
+@_full_precision
+def hopfield(queries, memory, beta):
+    """Modern Hopfield retrieval, one update step: normalize(softmax(beta * Q @ Kᵀ) @ K).
+    queries [n, D], memory [N, D] (rows are the stored patterns) -> [n, D], unit norm."""
+    attn = torch.softmax(beta * queries @ memory.T, dim=-1)  # [n, N]
+    return F.normalize(attn @ memory, dim=-1)
+
+
+@_full_precision
+def infoloob(anchors, samples, inv_tau, offset=0):
+    """InfoLOOB: mean_i[ -inv_tau a_i·b_i + logsumexp_{j≠i} inv_tau a_i·b_j ] (positive left out of the sum).
+    anchors [n, D], samples [N, D]; anchor i's positive is samples[offset + i]."""
+    logits = inv_tau * anchors @ samples.T  # [n, N]
+    idx = torch.arange(anchors.shape[0], device=logits.device)
+    positive = logits[idx, offset + idx]  # [n]
+    negatives = logits.masked_fill(F.one_hot(offset + idx, logits.shape[1]).bool(), float("-inf"))
+    return (torch.logsumexp(negatives, dim=-1) - positive).mean()
+
+
+@_full_precision
+def cloob_loss(image_features, text_features, inv_tau, beta):
+    """CLOOB, the official scale: (L(U_x, U_y) + L(V_y, V_x)) / inv_tau with L = infoloob, where
+    U_x = hop(X, X), U_y = hop(Y, X) are retrieved from the image memory, V_x = hop(X, Y), V_y = hop(Y, Y)
+    from the text memory. Features [n, D] unit norm; inv_tau (e.g. 30) and beta (e.g. 8) multiply."""
+    X, offset = gather(image_features)  # [N, D]
+    Y, _ = gather(text_features)
+    _check_batch(X.shape[0])
+    U_x, U_y = hopfield(image_features, X, beta), hopfield(text_features, X, beta)  # [n, D]
+    V_x, V_y = hopfield(image_features, Y, beta), hopfield(text_features, Y, beta)
+    loss = infoloob(U_x, gather(U_y)[0], inv_tau, offset) + infoloob(V_y, gather(V_x)[0], inv_tau, offset)
+    return loss / inv_tau
+
+
+@_full_precision
+def clip_loss(image_features, text_features, logit_scale):
+    """CLIP's symmetric InfoNCE: (CE(s X Yᵀ) + CE(s Y Xᵀ)) / 2 with s = logit_scale the multiplier (e.g. 100).
+    Features [n, D] unit norm."""
+    X, offset = gather(image_features)
+    Y, _ = gather(text_features)
+    _check_batch(X.shape[0])
+    labels = offset + torch.arange(image_features.shape[0], device=X.device)
+    logits_per_image = logit_scale * image_features @ Y.T  # [n, N]
+    logits_per_text = logit_scale * text_features @ X.T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: ours, OpenAI's TorchScript archives, OpenAI-layout state dicts (OpenCLIP), official CLOOB
+
+
+def infer_config(sd, text_heads=None):
+    """ModelConfig from OpenAI-layout tensor shapes (as OpenAI's build_model; heads are not in the shapes)."""
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # blocks
+    if "visual.proj" in sd:
+        width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+        grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(vision_layers=count("visual.transformer.resblocks."), vision_width=width,
+                      vision_patch_size=patch, image_resolution=patch * grid)
+    else:
+        grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(vision_layers=tuple(count(f"visual.layer{i}.") for i in range(1, 5)),
+                      vision_width=sd["visual.layer1.0.conv1.weight"].shape[0], vision_patch_size=None,
+                      image_resolution=grid * 32)
+    width = sd["ln_final.weight"].shape[0]
+    return ModelConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
+                       vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
+                       transformer_heads=text_heads or width // 64,
+                       transformer_layers=count("transformer.resblocks."), **vision)
+
+
+def _jit_text_heads(jit):
+    """Heads are not in the weights; a traced archive keeps them as the divisor of head_dim = D // heads."""
+    try:
+        for node in getattr(jit.transformer.resblocks, "0").attn.graph.nodes():
+            if node.kind() in ("aten::div", "aten::floor_divide", "aten::floordiv") and \
+                    node.output().debugName().startswith("head_dim"):
+                return int(node.inputsAt(1).toIValue())
+    except Exception:  # an archive traced differently: fall back to OpenAI's width // 64
+        pass
+    return None
+
+
+def _read(path):
+    """-> (state_dict, info) of any supported checkpoint file, keys in OpenAI's layout."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
+            warnings.simplefilter("ignore", DeprecationWarning)
+            jit = torch.jit.load(path, map_location="cpu")
+        sd = {k: v for k, v in jit.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+        return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip", text_heads=_jit_text_heads(jit))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint torch can read ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    if "model" in ckpt and "config" in ckpt:  # ours
+        info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
+        return ckpt["model"], dict(format="cloob", config=ModelConfig(**ckpt["config"]), **info)
+    sd = ckpt.get("state_dict", ckpt)
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
+    for prefix in ("module.", "_orig_mod."):
+        sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    if "transformer.token_embedding.weight" in sd:  # official CLOOB: text tower under "transformer."
+        sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
+        info = dict(format="cloob-official", method="cloob", tokenizer="clip", beta=8.0)
+        if "logit_scale_hopfield" in sd:
+            info["beta"] = sd.pop("logit_scale_hopfield").exp().item()
+        sd["logit_scale"] = sd.pop("logit_inv_tau")
+        info["inv_tau"] = sd["logit_scale"].exp().item()
+        return sd, info
+    return sd, dict(format="openai-state-dict", method="clip", tokenizer="clip")
+
+
+def load_model(path, config=None):
+    """Any supported checkpoint -> (CLIP in float32, eval mode, on CPU; info dict with "format", "method",
+    "tokenizer", "config" and, when known, "inv_tau", "beta"). `config` overrides the inferred architecture."""
+    sd, info = _read(path)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    try:
+        config = config or info.get("config") or infer_config(sd, info.pop("text_heads", None))
+    except KeyError as e:
+        raise ValueError(f"{path}: not a CLIP/CLOOB state dict (no {e}); first keys: {list(sd)[:5]}") from None
+    info.pop("text_heads", None)
+    model = CLIP(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the architecture; missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.eval(), dict(info, config=config)
+
+
+def unwrap(model):
+    """The plain CLIP inside DDP and/or torch.compile wrappers (save this one: no module./_orig_mod. prefixes)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_checkpoint(path, model, tokenizer, method, inv_tau=None, beta=None, **state):
+    """Write our checkpoint atomically (temp file + rename): a plain dict readable with weights_only=True."""
+    model = unwrap(model)
+    ckpt = dict(model=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer, method=method,
+                inv_tau=inv_tau, beta=beta, **state)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,350 @@
+"""Tests: CPU, offline, seconds. Reference outputs (OpenAI's CLIP code, the official CLOOB loss) are read from
+../shared/reference/ and the tests that need them skip when it is absent."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import cloob
+
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference")
+BPE = os.path.join(REF, "bpe_simple_vocab_16e6.txt.gz")
+# a few-thousand-parameter ViT for tests that only need some model
+MICRO = cloob.ModelConfig(embed_dim=16, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
+                          context_length=8, vocab_size=32, transformer_width=32, transformer_heads=2,
+                          transformer_layers=1)
+
+
+def ref(name):
+    path = os.path.join(REF, name)
+    if not os.path.exists(path):
+        pytest.skip(f"reference file {name} not present")
+    return path
+
+
+def load_ref(name):
+    return torch.load(ref(name), weights_only=True)
+
+
+def outputs(model, image, text):
+    with torch.no_grad():
+        x, y = model(image, text)
+        return model.encode_image(image), model.encode_text(text), model.logit_scale.exp() * x @ y.T
+
+
+def micro_batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, MICRO.vocab_size - 1, (n, MICRO.context_length), generator=g)
+    tokens[torch.arange(n), torch.randint(1, MICRO.context_length, (n,), generator=g)] = MICRO.vocab_size - 1
+    return torch.randn(n, 3, 16, 16, generator=g), tokens
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_rn"])
+def test_matches_openai_outputs(name, tmp_path):
+    d = load_ref(f"{name}.pt")
+    # saved as OpenCLIP does: under "state_dict", with DDP's "module." prefix
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in d["state_dict"].items()}}, tmp_path / "oc.pt")
+    model, info = cloob.load_model(str(tmp_path / "oc.pt"), config=cloob.ModelConfig(**d["args"]))
+    assert info["format"] == "openai-state-dict" and not model.training
+    image_features, text_features, logits = outputs(model, d["image"], d["text"])
+    assert (image_features - d["image_features"]).abs().max() <= 1e-4
+    assert (text_features - d["text_features"]).abs().max() <= 1e-4
+    assert (logits - d["logits_per_image"]).abs().max() <= 1e-4
+    # everything but the text heads (not in the weights; OpenAI assumes width/64) is inferred from shapes
+    args = dict(d["args"], vision_layers=d["args"]["vision_layers"])
+    assert cloob.infer_config(d["state_dict"], text_heads=d["args"]["transformer_heads"]) == cloob.ModelConfig(**args)
+
+
+def test_openai_torchscript_archive_loads():
+    d = load_ref("tiny_vit.pt")
+    model, info = cloob.load_model(ref("tiny_vit_openai_jit.pt"))
+    assert info["format"] == "openai-torchscript" and info["tokenizer"] == "clip"
+    assert info["config"] == cloob.ModelConfig(**d["args"])  # heads read from the traced graph
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    rounded = cloob.CLIP(cloob.ModelConfig(**d["args"])).eval()
+    rounded.load_state_dict({k: v.half().float() for k, v in d["state_dict"].items()})
+    for ours, expected in zip(outputs(model, d["image"], d["text"]), outputs(rounded, d["image"], d["text"])):
+        assert torch.equal(ours, expected)
+    assert (outputs(model, d["image"], d["text"])[1] - d["text_features"]).abs().max() < 0.05  # fp16 rounding only
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_keys_and_shapes_match_openai(name):
+    expected = {}
+    for line in open(ref(f"{name}.state_dict.txt")):
+        key, rest = line.split(" ", 1)
+        shape, dtype = rest.rsplit(" ", 1)
+        expected[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype.strip())
+    ours = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in cloob.CLIP(cloob.CONFIGS[name]).state_dict().items()}
+    assert ours == expected
+
+
+def test_text_features_ignore_tokens_after_end():
+    torch.manual_seed(0)
+    model = cloob.CLIP(MICRO).eval()
+    _, tokens = micro_batch(4)
+    eot = (tokens == MICRO.vocab_size - 1).int().argmax(-1)
+    changed = tokens.clone()
+    for i, e in enumerate(eot.tolist()):
+        changed[i, e + 1:] = torch.randint(0, MICRO.vocab_size, (MICRO.context_length - e - 1,))
+    assert not torch.equal(changed, tokens)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(tokens), model.encode_text(changed), atol=1e-6)
+        # and they do depend on the tokens before it
+        changed[:, 0] = (tokens[:, 0] + 1) % (MICRO.vocab_size - 1)
+        assert not torch.allclose(model.encode_text(tokens), model.encode_text(changed), atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
+def test_grad_checkpointing_gives_same_gradients(preset):
+    config = cloob.CONFIGS[preset]
+    torch.manual_seed(0)
+    model = cloob.CLIP(config)
+    images = torch.randn(4, 3, config.image_resolution, config.image_resolution)
+    tokens = torch.randint(0, config.vocab_size - 2, (4, config.context_length))
+    tokens[:, 10] = config.vocab_size - 1
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)  # the same batch-norm / dropout-free randomness either way
+        cloob.cloob_loss(*model(images, tokens), 30.0, 8.0).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_new_model_initialisation():
+    model = cloob.CLIP(cloob.CONFIGS["tiny-rn"])
+    assert all(torch.all(b.bn3.weight == 0) for layer in (model.visual.layer1, model.visual.layer4) for b in layer)
+    assert model.logit_scale.item() == pytest.approx(torch.tensor(1 / 0.07).log().item())
+    model.set_temperature(30.0, learnable=False)
+    assert model.logit_scale.exp().item() == pytest.approx(30.0) and not model.logit_scale.requires_grad
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_clip_tokenizer_matches_openai():
+    tok = cloob.Tokenizer("clip", context_length=16, bpe_path=ref("bpe_simple_vocab_16e6.txt.gz"))
+    cases = [json.loads(line) for line in open(ref("tokenizer_cases.jsonl"))]
+    assert len(cases) > 30
+    for case in cases:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]
+    assert tok([c["text"] for c in cases]).tolist() == [c["tokens_ctx16"] for c in cases]
+    assert (tok.sot, tok.eot, tok.vocab_size) == (49406, 49407, 49408)
+
+
+def test_clip_tokenizer_cleans_text_like_ftfy():
+    tok = cloob.Tokenizer("clip", bpe_path=ref("bpe_simple_vocab_16e6.txt.gz"))
+    cases = {json.loads(line)["text"]: json.loads(line)["ids"] for line in open(ref("tokenizer_cases.jsonl"))}
+    # OpenAI runs ftfy.fix_text first, which straightens quotes and narrows full-width letters
+    assert tok.encode("It\u2019s a dog\u2019s life, isn\u2019t it?") == cases["It's a dog's life, isn't it?"]
+    assert tok.encode("\uff41 photo of a dog.") == cases["a photo of a dog."]
+    assert tok.decode(tok.encode("a photo of a dog.")) == "a photo of a dog ."
+
+
+def test_bytes_tokenizer_truncates_keeping_end_token():
+    tok = cloob.Tokenizer("bytes", context_length=8)
+    out = tok(["ab", "abcdefghijk", "é"])
+    assert out.shape == (3, 8) and out.dtype == torch.long
+    assert out[0].tolist() == [256, 97, 98, 257, 0, 0, 0, 0]
+    assert out[1].tolist() == [256, 97, 98, 99, 100, 101, 102, 257]
+    assert out[2].tolist()[:4] == [256, 0xC3, 0xA9, 257]
+    assert tok.vocab_size == 258 and tok.decode(out[1].tolist()) == "abcdef"
+
+
+def test_missing_bpe_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="BPE merges file not found"):
+        cloob.Tokenizer("clip", bpe_path=str(tmp_path / "nope.txt.gz"))
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+
+def rel_err(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_losses_match_official(dtype, tol):
+    d = load_ref("losses.pt")
+    X, Y = d["image_features"].to(dtype), d["text_features"].to(dtype)
+    for ours, key in [((X, X), "U_x"), ((Y, X), "U_y"), ((X, Y), "V_x"), ((Y, Y), "V_y")]:
+        assert rel_err(cloob.hopfield(*ours, d["beta"]), d[key]) <= tol, key
+    for name, loss_fn, scale in [("cloob", cloob.cloob_loss, (d["inv_tau"], d["beta"])),
+                                 ("clip", cloob.clip_loss, (d["logit_scale"],))]:
+        x, y = X.clone().requires_grad_(), Y.clone().requires_grad_()
+        loss = loss_fn(x, y, *scale)
+        loss.backward()
+        assert loss.dtype == dtype
+        assert rel_err(loss.detach(), d[f"{name}_loss"]) <= tol
+        assert rel_err(x.grad, d[f"{name}_grad_image"]) <= tol
+        assert rel_err(y.grad, d[f"{name}_grad_text"]) <= tol
+
+
+def test_losses_run_in_float32_under_autocast():
+    d = load_ref("losses.pt")
+    x, y = d["image_features"].float(), d["text_features"].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for loss_fn, args in [(cloob.cloob_loss, (30.0, 8.0)), (cloob.clip_loss, (100.0,))]:
+            low = loss_fn(x.bfloat16(), y.bfloat16(), *args)
+            assert low.dtype == torch.float32
+            assert abs(low.item() - loss_fn(x, y, *args).item()) < 0.05 * abs(loss_fn(x, y, *args).item())
+
+
+def test_cloob_loss_is_invariant_to_batch_order():
+    torch.manual_seed(0)
+    x, y = F.normalize(torch.randn(12, 8), dim=-1), F.normalize(torch.randn(12, 8), dim=-1)
+    perm = torch.randperm(12)
+    assert cloob.cloob_loss(x, y, 30.0, 8.0).item() == pytest.approx(cloob.cloob_loss(x[perm], y[perm], 30.0, 8.0).item(), rel=1e-6)
+    # but it does see which image goes with which text
+    assert cloob.cloob_loss(x, y, 30.0, 8.0).item() != pytest.approx(cloob.cloob_loss(x, y[perm], 30.0, 8.0).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_fn,args", [(cloob.cloob_loss, (30.0, 8.0)), (cloob.clip_loss, (100.0,))])
+def test_batch_of_one_is_a_clear_error(loss_fn, args):
+    x = F.normalize(torch.randn(1, 8), dim=-1)
+    with pytest.raises(ValueError, match="at least 2"):
+        loss_fn(x, x, *args)
+
+
+def _distributed_worker(rank, world, tmp, method):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = cloob.CLIP(MICRO)
+    if method == "cloob":  # fixed inv_tau, as in training (DDP would wait for an unused parameter's gradient)
+        model.set_temperature(30.0, learnable=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    images, tokens = micro_batch(8)
+    n = 8 // world
+    x, y = ddp(images[rank * n:(rank + 1) * n], tokens[rank * n:(rank + 1) * n])
+    if method == "cloob":
+        loss = cloob.cloob_loss(x, y, 30.0, 8.0)
+    else:
+        loss = cloob.clip_loss(x, y, model.logit_scale.exp())
+    loss.backward()
+    mean_loss = loss.detach().clone()  # each rank's loss is the mean over its own rows
+    dist.all_reduce(mean_loss)
+    if rank == 0:
+        torch.save((mean_loss.item() / world, {k: p.grad for k, p in model.named_parameters()}), f"{tmp}/out.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["clip", "cloob"])
+def test_distributed_loss_equals_full_batch(method, tmp_path):
+    torch.manual_seed(0)
+    model = cloob.CLIP(MICRO)
+    images, tokens = micro_batch(8)
+    x, y = model(images, tokens)
+    loss = cloob.cloob_loss(x, y, 30.0, 8.0) if method == "cloob" else cloob.clip_loss(x, y, model.logit_scale.exp())
+    loss.backward()
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path), method), nprocs=2)
+    dist_loss, dist_grads = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert dist_loss == pytest.approx(loss.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        if name != "logit_scale" or method == "clip":
+            assert torch.allclose(dist_grads[name], p.grad, atol=1e-6, rtol=1e-4), name
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_own_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = cloob.CLIP(MICRO)
+    model.set_temperature(30.0, learnable=False)
+    path = str(tmp_path / "run" / "ckpt.pt")
+    cloob.save_checkpoint(path, model, tokenizer="bytes", method="cloob", inv_tau=30.0, beta=8.0, step=7)
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # the temp file was renamed
+    assert set(torch.load(path, weights_only=True)) >= {"model", "config", "tokenizer", "method", "step"}
+    loaded, info = cloob.load_model(path)
+    assert info["method"] == "cloob" and info["tokenizer"] == "bytes" and info["inv_tau"] == 30.0
+    assert info["config"] == MICRO and info["step"] == 7
+    images, tokens = micro_batch(3)
+    for a, b in zip(outputs(model.eval(), images, tokens), outputs(loaded, images, tokens)):
+        assert torch.equal(a, b)
+
+
+def test_unwrap_removes_compile_and_ddp_prefixes():
+    model = cloob.CLIP(MICRO)
+
+    class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+    assert cloob.unwrap(Wrapper(Wrapper(model))) is model
+
+
+def test_official_cloob_checkpoint_loads(tmp_path):
+    d = load_ref("tiny_rn.pt")
+    sd = {k: v for k, v in d["state_dict"].items() if k != "logit_scale"}
+    text = ("token_embedding", "positional_embedding", "ln_final", "text_projection", "transformer.")
+    official = {"module." + ("transformer." + k if k.startswith(text) else k): v for k, v in sd.items()}
+    official["module.logit_inv_tau"] = torch.tensor(30.0).log()
+    official["module.logit_scale_hopfield"] = torch.tensor(14.0).log()
+    assert "module.transformer.transformer.resblocks.0.ln_1.weight" in official
+    torch.save({"epoch": 31, "name": "cloob_rn50", "state_dict": official}, tmp_path / "cloob.pt")
+    model, info = cloob.load_model(str(tmp_path / "cloob.pt"), config=cloob.ModelConfig(**d["args"]))
+    assert info["format"] == "cloob-official" and info["method"] == "cloob"
+    assert info["inv_tau"] == pytest.approx(30.0) and info["beta"] == pytest.approx(14.0)
+    image_features, text_features, _ = outputs(model, d["image"], d["text"])
+    assert (image_features - d["image_features"]).abs().max() <= 1e-4
+    assert (text_features - d["text_features"]).abs().max() <= 1e-4
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        cloob.load_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "random.pt").write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match="not a checkpoint torch can read") as e:
+        cloob.load_model(str(tmp_path / "random.pt"))
+    assert "\n" not in str(e.value)
+    torch.save({"foo": 1, "bar": [2]}, tmp_path / "dict.pt")
+    with pytest.raises(ValueError, match="no state_dict found; top-level keys: \\['bar', 'foo'\\]"):
+        cloob.load_model(str(tmp_path / "dict.pt"))
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a CLIP/CLOOB state dict"):
+        cloob.load_model(str(tmp_path / "other.pt"))
+    sd = cloob.CLIP(MICRO).state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="unexpected \\['extra.weight'\\]"):
+        cloob.load_model(str(tmp_path / "extra.pt"), config=MICRO)
+
+# ---------------------------------------------------------------------------------------------------- data + README
+
+
+def test_preprocess_resizes_shorter_side_and_centre_crops():
+    import data
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)  # h=20, w=40: already the right short side
+    out = data.preprocess(Image.fromarray(pixels), 20)
+    assert out.shape == (3, 20, 20) and out.dtype == torch.float32
+    expected = (pixels[:, 10:30].astype(np.float32) / 255 - data.MEAN) / data.STD
+    assert np.allclose(out.numpy(), expected.transpose(2, 0, 1), atol=1e-6)
+    grey = Image.new("L", (90, 45), 128)  # grey, non-square, needs resizing: every pixel is 128/255 normalised
+    out = data.preprocess(grey, 32)
+    assert out.shape == (3, 32, 32)
+    assert np.allclose(out.numpy(), ((128 / 255 - data.MEAN) / data.STD)[:, None, None], atol=1e-6)
+
+
+def test_readme_example_classifies_with_openai_archive(tmp_path):
+    import data
+    from PIL import Image
+    model, info = cloob.load_model(ref("tiny_vit_openai_jit.pt"))
+    tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length, bpe_path=ref("bpe_simple_vocab_16e6.txt.gz"))
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    image = data.preprocess(Image.open(tmp_path / "red.png"), model.config.image_resolution)[None]
+    labels = ["a photo of a dog", "a photo of a cat", "a diagram"]
+    with torch.no_grad():
+        image_features, text_features = model(image, tokenizer(labels))
+        probs = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)
+    assert probs.shape == (1, 3) and abs(probs.sum().item() - 1) < 1e-5
