@@ -90,20 +90,19 @@ def _find_bpe(bpe_path=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
         return path
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cloob")
-    path = os.path.join(cache, "bpe_simple_vocab_16e6.txt.gz")
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cloob", os.path.basename(BPE_URL))
     if not os.path.isfile(path):
         try:
             data = urllib.request.urlopen(BPE_URL, timeout=30).read()
         except OSError as e:
-            raise RuntimeError(f"cannot download CLIP's BPE merges ({e}); pass bpe_path=, set CLOOB_BPE, or put "
-                               f"bpe_simple_vocab_16e6.txt.gz at {path}") from None
+            raise RuntimeError(f"cannot download CLIP's BPE merges ({e}); pass bpe_path=, set CLOOB_BPE, "
+                               f"or put the file at {path}") from None
         if hashlib.sha256(data).hexdigest() != BPE_SHA256:
-            raise RuntimeError(f"downloaded CLIP BPE merges from {BPE_URL} have the wrong sha256")
-        os.makedirs(cache, exist_ok=True)
+            raise RuntimeError(f"the CLIP BPE merges downloaded from {BPE_URL} have the wrong sha256")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "wb") as f:
             f.write(data)
-        os.replace(path + ".tmp", path)
+        os.replace(path + ".tmp", path)  # atomic: a half-written file is never found in the cache
     return path
 
 
@@ -178,6 +177,14 @@ class Tokenizer:
 # Towers. Modules batch-first ([B, L, D]); state_dict names and shapes are OpenAI's.
 
 
+def _run_blocks(tower, blocks, x, *args):
+    """Residual blocks in order; with tower.grad_checkpointing, activations are recomputed in backward."""
+    ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
+    for block in blocks:
+        x = checkpoint(block, x, *args, use_reentrant=False) if ckpt else block(x, *args)
+    return x
+
+
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -223,12 +230,7 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
 
     def forward(self, x, causal=False):  # x [B, L, D]
-        for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, use_reentrant=False)
-            else:
-                x = block(x, causal)
-        return x
+        return _run_blocks(self, self.resblocks, x, causal)
 
 
 class VisionTransformer(nn.Module):
@@ -310,10 +312,7 @@ class ModifiedResNet(nn.Module):
     def forward(self, x):  # x [B, 3, R, R]
         for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
             x = F.relu(bn(conv(x)))
-        x = self.avgpool(x)
-        for block in [*self.layer1, *self.layer2, *self.layer3, *self.layer4]:
-            ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-            x = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+        x = _run_blocks(self, [*self.layer1, *self.layer2, *self.layer3, *self.layer4], self.avgpool(x))
         return self.attnpool(x)  # [B, output_dim]
 
 

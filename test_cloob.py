@@ -161,9 +161,24 @@ def test_bytes_tokenizer_truncates_keeping_end_token():
     assert tok.vocab_size == 258 and tok.decode(out[1].tolist()) == "abcdef"
 
 
-def test_missing_bpe_file_is_a_clear_error(tmp_path):
+def test_bpe_file_is_found_or_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="BPE merges file not found"):
         cloob.Tokenizer("clip", bpe_path=str(tmp_path / "nope.txt.gz"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("CLOOB_BPE", raising=False)
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(cloob.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="cannot download .*no network.*set CLOOB_BPE"):
+        cloob.Tokenizer("clip")
+    monkeypatch.setenv("CLOOB_BPE", ref("bpe_simple_vocab_16e6.txt.gz"))
+    assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]
+    monkeypatch.delenv("CLOOB_BPE")
+    os.makedirs(tmp_path / "cloob")
+    with open(ref("bpe_simple_vocab_16e6.txt.gz"), "rb") as src, open(tmp_path / "cloob" / "bpe_simple_vocab_16e6.txt.gz", "wb") as dst:
+        dst.write(src.read())
+    assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]  # found in the cache
 
 # ---------------------------------------------------------------------------------------------------- losses
 
