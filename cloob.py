@@ -95,8 +95,8 @@ def _find_bpe(bpe_path=None):
         try:
             data = urllib.request.urlopen(BPE_URL, timeout=30).read()
         except OSError as e:
-            raise RuntimeError(f"cannot download CLIP's BPE merges ({e}); pass bpe_path=, set CLOOB_BPE, "
-                               f"or put the file at {path}") from None
+            raise FileNotFoundError(f"CLIP's BPE merges file is not here and cannot be downloaded ({e}); pass "
+                                    f"bpe_path=, set CLOOB_BPE, or put the file at {path}") from None
         if hashlib.sha256(data).hexdigest() != BPE_SHA256:
             raise RuntimeError(f"the CLIP BPE merges downloaded from {BPE_URL} have the wrong sha256")
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,5 +1,6 @@
 """Tests: CPU, offline, seconds. Reference outputs (OpenAI's CLIP code, the official CLOOB loss) are read from
 ../shared/reference/ and the tests that need them skip when it is absent."""
+import io
 import json
 import os
 
@@ -170,7 +171,7 @@ def test_bpe_file_is_found_or_a_clear_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
     monkeypatch.setattr(cloob.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="cannot download .*no network.*set CLOOB_BPE"):
+    with pytest.raises(FileNotFoundError, match="cannot be downloaded .*no network.*set CLOOB_BPE"):
         cloob.Tokenizer("clip")
     monkeypatch.setenv("CLOOB_BPE", ref("bpe_simple_vocab_16e6.txt.gz"))
     assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]
@@ -363,3 +364,161 @@ def test_readme_example_classifies_with_openai_archive(tmp_path):
         image_features, text_features = model(image, tokenizer(labels))
         probs = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)
     assert probs.shape == (1, 3) and abs(probs.sum().item() - 1) < 1e-5
+
+# ---------------------------------------------------------------------------------------------------- data + training
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+
+import data  # noqa: E402
+import train  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = ["--model", "tiny-vit", "--workers", "0", "--log-every", "1", "--warmup", "2", "--lr", "1e-3"]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def losses(run_dir):
+    return [e["loss"] for e in metrics(run_dir) if "loss" in e]
+
+
+def write_images(folder, n, resolution=32, seed=0):
+    """n synthetic images saved as PNG files; -> [(file name, caption, labels)]."""
+    os.makedirs(folder, exist_ok=True)
+    ds, out = data.Synthetic(n, resolution, seed=seed), []
+    for i in range(n):
+        image, caption, labels = ds[i]
+        image.save(os.path.join(folder, f"{i:04d}.png"))
+        out.append((f"{i:04d}.png", caption, labels))
+    return out
+
+
+def test_synthetic_data_is_deterministic_and_holds_out_pairs():
+    a, b = data.Synthetic(50, 32, seed=3), data.Synthetic(50, 32, seed=3)
+    assert all(np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0])) and a[i][1] == b[i][1] for i in range(5))
+    seen = {(s, c) for _, cap, lab in (a[i] for i in range(50)) for s, c in [(data.SHAPES[lab["shape"]], list(data.COLOURS)[lab["colour"]])]}
+    assert not any(data.is_heldout(s, c) for s, c in seen) and len(seen) > 10
+    heldout = data.Synthetic(20, 32, split="heldout")
+    assert all(data.is_heldout(data.SHAPES[heldout[i][2]["shape"]], list(data.COLOURS)[heldout[i][2]["colour"]]) for i in range(20))
+    for name, (classes, templates) in data.ZEROSHOT_TASKS.items():  # prompts are not training captions
+        assert len(classes) >= 4 and not any(t.split()[1] in c for t in templates for c in data.CAPTIONS)
+
+
+def test_global_batches_do_not_depend_on_world_size():
+    one = iter(data.GlobalBatches(40, 8, seed=1))
+    two = [iter(data.GlobalBatches(40, 4, rank=r, world=2, seed=1)) for r in range(2)]
+    for _ in range(12):  # crosses epoch boundaries (5 steps per epoch)
+        assert next(one) == next(two[0]) + next(two[1])
+    resumed = iter(data.GlobalBatches(40, 8, seed=1, start=7))
+    fresh = iter(data.GlobalBatches(40, 8, seed=1))
+    assert next(resumed) == [next(fresh) for _ in range(8)][-1]
+
+
+def test_lr_schedule():
+    args = train.parse_args(["--lr", "1.0", "--warmup", "10", "--steps", "110"])
+    assert train.get_lr(0, args, 110) == pytest.approx(0.1) and train.get_lr(9, args, 110) == pytest.approx(1.0)
+    assert train.get_lr(60, args, 110) == pytest.approx(0.5) and train.get_lr(109, args, 110) < 1e-3
+    args.lr_scheduler, args.restart_cycles = "cosine-restarts", 2
+    assert train.get_lr(59, args, 110) < 0.01 and train.get_lr(60, args, 110) == pytest.approx(1.0)
+
+
+def test_torchrun_two_ranks_reproduce_one_process(tmp_path):
+    common = [*FAST, "--steps", "4", "--logs-dir", str(tmp_path), "--seed", "1"]
+    train.main([*common, "--batch-size", "8", "--name", "one"])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--name", "two"],
+                   check=True, capture_output=True, cwd=HERE, timeout=120)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    assert len(losses(tmp_path / "one")) == 4
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    common = [sys.executable, os.path.join(HERE, "train.py"), *FAST, "--batch-size", "4", "--steps", "40",
+              "--save-every", "3", "--logs-dir", str(tmp_path), "--log-every", "10"]
+    subprocess.run([*common, "--name", "straight"], check=True, capture_output=True, timeout=120)
+    run = subprocess.Popen([*common, "--name", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not train.checkpoint_paths(str(tmp_path / "killed")) and time.time() < deadline:
+        time.sleep(0.02)
+    run.kill()
+    run.wait()
+    assert os.path.basename(train.checkpoint_paths(str(tmp_path / "killed"))[-1]) < "step_0000040.pt"  # killed mid-run
+    subprocess.run([*common, "--name", "killed", "--resume", "latest"], check=True, capture_output=True, timeout=120)
+    a = torch.load(train.checkpoint_paths(str(tmp_path / "straight"))[-1], weights_only=True)
+    b = torch.load(train.checkpoint_paths(str(tmp_path / "killed"))[-1], weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    assert [e["step"] for e in metrics(tmp_path / "killed") if "loss" in e][-1] == 40
+
+
+def test_csv_with_missing_and_corrupt_images_trains_and_reports(tmp_path, capsys):
+    rows = write_images(tmp_path / "img", 16)
+    (tmp_path / "img" / "0001.png").unlink()  # missing
+    (tmp_path / "img" / "0002.png").write_bytes(b"not a png")  # corrupt
+    lines = ["filepath\ttitle"] + [f"img/{f}\t{'' if i == 3 else cap}" for i, (f, cap, _) in enumerate(rows)]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    train.main([*FAST, "--train-data", str(tmp_path / "train.tsv"), "--tokenizer", "bytes", "--batch-size", "8",
+                "--steps", "4", "--logs-dir", str(tmp_path), "--name", "csv", "--val-data", str(tmp_path / "train.tsv")])
+    out = capsys.readouterr().out
+    assert "missing image" in out and "corrupt image" in out and "empty caption" in out
+    events = metrics(tmp_path / "csv")
+    assert events[-2]["skipped"] >= 3 and np.isfinite(events[-2]["loss"])
+    assert 0 <= events[-1]["val/image_to_text_R@1"] <= 1 and "val/loss" in events[-1]
+
+
+def write_shards(folder, n_shards, per_shard):
+    os.makedirs(folder, exist_ok=True)
+    ds = data.Synthetic(n_shards * per_shard, 32)
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"{s:05d}.tar"), "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                image, caption, _ = ds[i]
+                caption = f"{caption} #{i}"  # unique, to check that no sample is read twice
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG")
+                for name, payload in ((f"{i:06d}.jpg", buf.getvalue()), (f"{i:06d}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return os.path.join(folder, "{00000..%05d}.tar" % (n_shards - 1))
+
+
+def test_tar_shards_split_over_ranks_and_workers_and_train(tmp_path):
+    pattern = write_shards(tmp_path / "shards", 4, 6)
+    assert len(data.expand_braces(pattern)) == 4
+    seen = []
+    for rank in range(2):
+        loader = torch.utils.data.DataLoader(data.TarShards(pattern, 3, 32, rank=rank, world=2), batch_size=None, num_workers=2)
+        batches = iter(loader)
+        seen.append([c for _ in range(4) for c in next(batches)[1]])  # 4 batches x 3 = one pass over 12 samples
+    assert len(set(seen[0])) == 12 and not set(seen[0]) & set(seen[1])
+    train.main([*FAST, "--train-data", pattern, "--train-num-samples", "24", "--tokenizer", "bytes",
+                "--batch-size", "6", "--steps", "3", "--logs-dir", str(tmp_path), "--name", "tar"])
+    assert len(losses(tmp_path / "tar")) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--train-data", "nope.csv"], "training data not found: nope.csv"),
+    (["--train-data", "nope.csv", "--tokenizer", "bytes"], "training data not found: nope.csv"),
+    (["--train-data", "x/{00000..00003}.tar", "--train-num-samples", "10"], "training shard not found"),
+    (["--resume", "latest"], "no checkpoint in"),
+    (["--pretrained", "missing.pt"], "checkpoint not found: missing.pt"),
+])
+def test_bad_paths_are_one_line_errors(argv, message, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--logs-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_bad_flags_are_usage_errors(capsys):
+    for argv in (["--train-data", "data.parquet"], ["--train-data", "x.tar"], ["--method", "simclr"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2
+    assert "expected synthetic, a .csv/.tsv file or .tar shards" in capsys.readouterr().err

@@ -1,0 +1,349 @@
+"""Train CLOOB (default) or CLIP.
+  python train.py                                    # tiny CLOOB on built-in synthetic data, CPU, minutes
+  torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
+--batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch."""
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import cloob
+import data
+import zeroshot
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--method", choices=["cloob", "clip"], default="cloob")
+    a("--model", choices=sorted(cloob.CONFIGS), help="preset (default: tiny-vit on synthetic data, else RN50)")
+    a("--pretrained", help="start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, CLOOB, ours)")
+    a("--tokenizer", help="clip | bytes | a tiktoken encoding (default: bytes on synthetic data, else clip)")
+    a("--init-inv-tau", type=float, default=30.0, help="CLOOB's inverse temperature (fixed unless --learn-inv-tau)")
+    a("--learn-inv-tau", action="store_true")
+    a("--hopfield-beta", type=float, default=8.0)
+    a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar'")
+    a("--train-num-samples", type=int, help="samples per epoch (needed for tar shards)")
+    a("--val-data", help="CSV/TSV: validation loss and image<->text recall@1/5")
+    a("--csv-img-key", default="filepath")
+    a("--csv-caption-key", default="title")
+    a("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    a("--workers", type=int, default=2, help="data-loading processes per rank")
+    a("--zeroshot-data", help="image folder (one sub-folder per class); default on synthetic data: held-out set")
+    a("--zeroshot-every", type=int, help="steps between zero-shot evaluations (default: at the end)")
+    a("--batch-size", type=int, help="per rank (default 128 synthetic, 64 otherwise: 8 GPUs x 64 = 512)")
+    a("--lr", type=float)
+    a("--wd", type=float, default=0.1)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, help="default 0.98 ViT, 0.999 ResNet")
+    a("--eps", type=float, help="default 1e-6 ViT, 1e-8 ResNet")
+    a("--warmup", type=int, help="steps (default 20000; 30 on synthetic data)")
+    a("--lr-scheduler", choices=["cosine", "cosine-restarts", "const"])
+    a("--restart-cycles", type=int, default=10)
+    a("--grad-clip-norm", type=float)
+    a("--steps", type=int, help="total optimizer steps (default: from --epochs; 300 on synthetic data)")
+    a("--epochs", type=int, help="default 70 (the official CLOOB run)")
+    a("--seed", type=int, default=0)
+    a("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
+    a("--logs-dir", default="logs", help="runs go to LOGS_DIR/NAME (not --logs: torchrun would take it for its --logs-specs)")
+    a("--name", help="run name (default: method-model-time)")
+    a("--save-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
+    a("--resume", help="latest | PATH")
+    a("--log-every", type=int, default=10)
+    args = p.parse_args(argv)
+    synthetic = args.train_data == "synthetic"
+    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=2e-3, warmup=30, lr_scheduler="cosine",
+                    steps=300) if synthetic else \
+        dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, lr_scheduler="cosine-restarts",
+             epochs=70)
+    for k, v in defaults.items():
+        if getattr(args, k) is None and not (k == "tokenizer" and args.pretrained):  # else: the checkpoint's
+            setattr(args, k, v)
+    vit = isinstance(cloob.CONFIGS[args.model].vision_layers, int)
+    args.beta2 = args.beta2 or (0.98 if vit else 0.999)
+    args.eps = args.eps or (1e-6 if vit else 1e-8)
+    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not synthetic and not (args.train_data.endswith(".tar") or os.path.splitext(args.train_data)[1] in (".csv", ".tsv")):
+        p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar shards")
+    if args.train_data.endswith(".tar") and not args.train_num_samples:
+        p.error("tar shards need --train-num-samples (the samples in one epoch)")
+    return args
+
+
+def get_lr(step, args, total):
+    """Linear warmup, then cosine to 0 (optionally restarted `restart_cycles` times) or constant."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_scheduler == "const":
+        return args.lr
+    progress = (step - args.warmup) / max(1, total - args.warmup)
+    if args.lr_scheduler == "cosine-restarts":
+        progress = (progress * args.restart_cycles) % 1.0
+    return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+
+
+def build_model(args, device):
+    """-> (model, tokenizer) from a preset or --pretrained, temperature set for the method."""
+    if args.pretrained:
+        model, info = cloob.load_model(args.pretrained)
+        tokenizer = cloob.Tokenizer(args.tokenizer or info["tokenizer"], model.config.context_length)
+    else:
+        config = cloob.CONFIGS[args.model]
+        tokenizer = cloob.Tokenizer(args.tokenizer, config.context_length)
+        torch.manual_seed(args.seed)
+        model = cloob.CLIP(replace(config, vocab_size=tokenizer.vocab_size))
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+    if args.method == "cloob":
+        model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
+    elif not args.pretrained:
+        model.set_temperature(1 / 0.07, learnable=True)
+    return model.to(device), tokenizer
+
+
+def open_data(args, rank, world):
+    """The training dataset, opened before the model so that a bad path or an empty file fails at once."""
+    if args.train_data.endswith(".tar"):
+        return data.TarShards(args.train_data, args.batch_size, rank=rank, world=world, seed=args.seed)
+    if args.train_data == "synthetic":
+        return data.Synthetic(args.train_num_samples or 100_000, seed=args.seed)
+    return data.CsvCaptions(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+
+
+def build_loader(args, dataset, tokenizer, resolution, world, start):
+    """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch)."""
+    kw = dict(num_workers=args.workers, collate_fn=partial(_collate_and_tokenize, tokenizer),
+              pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
+    dataset.resolution = resolution  # images are made at the model's resolution
+    if isinstance(dataset, data.TarShards):
+        dataset.start = start
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, **kw)), args.train_num_samples // (args.batch_size * world)
+    sampler = data.GlobalBatches(len(dataset), args.batch_size, int(os.environ.get("RANK", 0)), world, args.seed, start)
+    loader = torch.utils.data.DataLoader(data.TrainSet(dataset, resolution, args.seed), batch_sampler=sampler, **kw)
+    return iter(loader), sampler.steps_per_epoch
+
+
+def _collate_and_tokenize(tokenizer, batch):  # runs in the loader workers
+    images, captions, skipped = data.collate(batch) if isinstance(batch, list) else batch
+    return images, tokenizer(captions), skipped
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def checkpoint_paths(run_dir):
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+
+
+def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+    # data randomness is a function of (seed, step, index): torch's generators are the only RNG state
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=cloob.unwrap(model).logit_scale.exp().item(),
+                          beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
+                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng, args=vars(args))
+    for old in checkpoint_paths(run_dir)[:-2]:  # keep the newest two
+        os.remove(old)
+    return path
+
+
+def resume(args, run_dir, model, optimizer, scaler):
+    """-> (the step to continue from, the checkpoint), (0, None) when not resuming."""
+    if not args.resume:
+        return 0, None
+    path = args.resume
+    if path == "latest":
+        found = checkpoint_paths(run_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {run_dir}/checkpoints")
+        path = found[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cloob.unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"], path
+
+
+def compute_loss(args, model, x, y):
+    scale = cloob.unwrap(model).logit_scale.exp()
+    return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
+
+
+@torch.no_grad()
+def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world):
+    """Every rank evaluates its share and gets the same results. The validation loss is that of global
+    batches of the training size (a contrastive loss depends on the batch size); recall is over the whole set."""
+    model = cloob.unwrap(model).eval()
+    results = {}
+    if zeroshot_set:
+        top1 = zeroshot.evaluate(model, tokenizer, *zeroshot_set, device=device)
+        results.update({f"zeroshot/{task}/top1": v for task, v in top1.items()})
+    if val_set:
+        images, tokens = val_set
+        n, losses, xs, ys = args.batch_size, [], [], []
+        for first in range(0, len(images) - n * world + 1, n * world):
+            rows = slice(first + rank * n, first + (rank + 1) * n)
+            x, y = (f.float() for f in model(images[rows].to(device), tokens[rows].to(device)))
+            losses.append(compute_loss(args, model, x, y))
+            xs.append(cloob.gather(x)[0])
+            ys.append(cloob.gather(y)[0])
+        loss = torch.stack(losses).mean()
+        if world > 1:
+            dist.all_reduce(loss)
+        results["val/loss"] = loss.item() / world
+        results.update({f"val/{k}": v for k, v in zeroshot.retrieval_recall(torch.cat(xs), torch.cat(ys)).items()})
+    model.train()
+    return results
+
+
+def load_eval_sets(args, tokenizer, resolution, world):
+    zeroshot_set = val_set = None
+    if args.zeroshot_data:
+        folder = data.ImageFolder(args.zeroshot_data)
+        images = torch.stack([data.preprocess(data.open_image(p), resolution) for p, _ in folder.items])
+        labels = torch.tensor([label for _, label in folder.items])
+        zeroshot_set = (images, {"folder": (labels, [c.replace("_", " ") for c in folder.classes], ["a photo of a {}."])})
+    elif args.train_data == "synthetic":
+        zeroshot_set = zeroshot.synthetic_tasks(resolution, seed=args.seed)
+    if args.val_data:
+        rows = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        samples, skipped = [], data.Skipped()
+        for i in range(len(rows)):
+            try:
+                samples.append(data.load_sample(rows[i], lambda im: data.preprocess(im, resolution)))
+            except ValueError as e:
+                skipped[str(e)] += 1
+        if skipped:
+            print(f"--val-data: skipped {dict(skipped)}")
+        if len(samples) < args.batch_size * world:
+            raise ValueError(f"--val-data has {len(samples)} samples, fewer than one global batch ({args.batch_size * world})")
+        val_set = (torch.stack([s[0] for s in samples]), tokenizer([s[1] for s in samples]))
+    return zeroshot_set, val_set
+
+
+def log(run_dir, rank, event, line=None):
+    if rank == 0:
+        if line:
+            print(line, flush=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def train(args, rank, world, device):
+    run_dir = os.path.join(args.logs_dir, args.name)
+    dataset = open_data(args, rank, world)
+    model, tokenizer = build_model(args, device)
+    resolution = model.config.image_resolution
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]  # no decay on gains, biases, scale
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    start, last_good = resume(args, run_dir, model, optimizer, scaler)
+    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, world, start)
+    total = args.steps or args.epochs * steps_per_epoch
+    zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dict(vars(args), world_size=world, total_steps=total), f, indent=1)
+        print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; run dir {run_dir}")
+    skipped, bad_steps, t0 = data.Skipped(), 0, time.time()
+    for step in range(start, total):
+        lr = get_lr(step, args, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, tokens, batch_skipped = next(batches)
+        skipped += batch_skipped
+        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        with ctx:
+            x, y = ddp(images, tokens)
+        loss = compute_loss(args, model, x, y)
+        scaler.scale(loss).backward()
+        finite = torch.isfinite(loss).float()
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item():  # a non-finite loss on any rank: skip the step everywhere
+            bad_steps = 0
+            if args.grad_clip_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if args.method == "clip":
+                with torch.no_grad():
+                    model.logit_scale.clamp_(max=math.log(100))
+        else:
+            bad_steps += 1
+            log(run_dir, rank, {"step": step + 1, "nonfinite_loss": True}, f"step {step + 1}: non-finite loss, step skipped")
+            if bad_steps >= 5:
+                raise FloatingPointError(f"the loss was not finite for 5 steps in a row (step {step + 1}); last good "
+                                   f"checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % args.log_every == 0 or done == total:
+            stats = torch.tensor([loss.item(), sum(skipped.values())], device=device, dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(stats)
+            rate = (done - start) * args.batch_size * world / (time.time() - t0)
+            event = {"step": done, "epoch": done / steps_per_epoch, "loss": stats[0].item() / world, "lr": lr,
+                     "inv_temperature": model.logit_scale.exp().item(), "samples_per_s": rate, "skipped": int(stats[1].item())}
+            eta = (total - done) * args.batch_size * world / rate
+            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
+                    f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s eta {eta / 60:.1f} min")
+            log(run_dir, rank, event, line + (f" skipped {dict(skipped)}" if skipped else ""))
+        if done % args.save_every == 0 or done == total:
+            if rank == 0:
+                last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
+        if (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total:
+            results = evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
+            if results:
+                log(run_dir, rank, {"step": done, **results}, f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    return run_dir
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        run_dir = train(args, rank, world, device)
+        if rank == 0:
+            print(f"done: checkpoints and metrics.jsonl in {run_dir}")
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ours; from a loader worker: its last line
+        print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
