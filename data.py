@@ -54,63 +54,74 @@ def random_resized_crop(image, resolution, rng, scale=(0.9, 1.0), ratio=(3 / 4, 
 # ---------------------------------------------------------------------------------------------------- synthetic
 
 
-SHAPES = ("circle", "square", "triangle", "cross", "star")
+SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225), "yellow": (235, 215, 30),
            "purple": (145, 50, 185)}
 SIZES = ("small", "large")
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "middle": (0.5, 0.5)}
-CAPTIONS = ("a {size} {colour} {shape} on the {position}.", "{colour} {shape}, {size}, {position}",
-            "the {shape} at the {position} is {colour} and {size}", "there is a {size} {shape} coloured {colour}",
-            "{position}: one {colour} {shape}")
+CAPTIONS = ("a {size} {colour} {shape} {where}.", "{colour} {shape}, {size}, {where}", "the {shape} {where} is {colour}",
+            "there is a {size} {shape} coloured {colour}", "{where}: one {colour} {shape}")
+WHERE = ("on the {}", "at the {}", "in the {}")
 # zero-shot prompts use words no training caption has ("picture", "drawing", "object")
 ZEROSHOT_TASKS = {"shape": (SHAPES, ("a picture of a {}.", "a drawing of a {}.")),
                   "colour": (tuple(COLOURS), ("a picture of a {} object.", "a drawing of something {}."))}
 
 
-def is_heldout(shape, colour):
-    """5 of the 25 shape/colour pairs never appear in training: zero-shot accuracy is measured on them."""
-    return (SHAPES.index(shape) + 2 * list(COLOURS).index(colour)) % 5 == 0
+def is_heldout(shape, colour, position):
+    """20 of the 100 shape/colour/position triples never appear in training; zero-shot accuracy is measured on
+    them. Every shape/colour pair is seen in training, but never at its held-out position."""
+    return (SHAPES.index(shape) + 2 * list(COLOURS).index(colour) + 3 * list(POSITIONS).index(position)) % 5 == 0
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Captioned images drawn with PIL, deterministic per index. split="train": the 20 seen shape/colour pairs;
-    split="heldout": the 5 unseen pairs. Items: (PIL image, caption, {"shape": i, "colour": j})."""
+    """Captioned images drawn with PIL, deterministic per index. split="train": the 80 seen shape/colour/position
+    triples; split="heldout": the 20 unseen ones. Items: (PIL image, caption, {"shape": i, "colour": j})."""
 
     def __init__(self, size, resolution=32, split="train", seed=0):
         self.size, self.resolution, self.heldout, self.seed = size, resolution, split == "heldout", seed
-        self.pairs = [(s, c) for s in SHAPES for c in COLOURS if is_heldout(s, c) == self.heldout]
+        self.triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS if is_heldout(s, c, p) == self.heldout]
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, idx):
         rng = np.random.default_rng([self.seed, idx, self.heldout])
-        shape, colour = self.pairs[rng.integers(len(self.pairs))]
-        size, position = SIZES[rng.integers(2)], list(POSITIONS)[rng.integers(5)]
+        shape, colour, position = self.triples[rng.integers(len(self.triples))]
+        size = SIZES[rng.integers(2)]
         S = 2 * self.resolution  # drawn at 2x, then downsampled: smooth edges
-        grey = rng.integers(70, 190)
-        image = Image.new("RGB", (S, S), tuple(int(v) for v in np.clip(grey + rng.integers(-15, 16, 3), 0, 255)))
+        # background: a grey gradient in a random direction, with pixel noise (flat backgrounds make all images
+        # look alike to a new model, and CLOOB's Hopfield retrieval then stalls at the start)
+        t = np.cos(rng.uniform(0, 2 * np.pi)) * np.linspace(-1, 1, S)[None, :] + np.sin(rng.uniform(0, 2 * np.pi)) * np.linspace(-1, 1, S)[:, None]
+        grey = rng.uniform(60, 200) + rng.uniform(-50, 50) * t[..., None] + rng.normal(0, 12, (S, S, 3))
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
         cx, cy = (S * (p + rng.uniform(-0.04, 0.04)) for p in POSITIONS[position])
-        r = S * (0.11 if size == "small" else 0.2) * rng.uniform(0.9, 1.1)
+        r = S * (0.16 if size == "small" else 0.26) * rng.uniform(0.95, 1.05)
         fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, 3), 0, 255))
-        angle = rng.uniform(0, 2 * math.pi)
-        polygon = lambda radii, k: [(cx + radii[i % len(radii)] * math.cos(angle + 2 * math.pi * i / k),
-                                     cy + radii[i % len(radii)] * math.sin(angle + 2 * math.pi * i / k)) for i in range(k)]
         draw = ImageDraw.Draw(image)
         if shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif shape == "square":
-            draw.polygon(polygon([r * 1.2], 4), fill=fill)
-        elif shape == "triangle":
-            draw.polygon(polygon([r * 1.3], 3), fill=fill)
-        elif shape == "star":
-            draw.polygon(polygon([r * 1.3, r * 0.55], 10), fill=fill)
+            draw.rectangle([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=fill)
+        elif shape == "triangle":  # upright, equilateral
+            draw.polygon([(cx, cy - 1.2 * r), (cx - 1.04 * r, cy + 0.6 * r), (cx + 1.04 * r, cy + 0.6 * r)], fill=fill)
         else:  # cross: two bars
             draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=fill)
             draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=fill)
-        caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(size=size, colour=colour, shape=shape, position=position)
+        caption = self.caption(rng, shape, colour, size, position)
         labels = {"shape": SHAPES.index(shape), "colour": list(COLOURS).index(colour)}
         return image.resize((self.resolution, self.resolution), Image.BICUBIC), caption, labels
+
+    @staticmethod
+    def caption(rng, shape, colour, size, position):
+        """Like real captions, many leave things out: each attribute is named or not (colour or shape always)."""
+        drop = rng.random(4) < (0.1, 0.5, 0.5, 0.5)  # shape, colour, size, position
+        if drop[0] and drop[1]:
+            drop[rng.integers(2)] = False
+        words = dict(colour="" if drop[1] else colour, shape="shape" if drop[0] else shape,
+                     size="" if drop[2] else size,
+                     where="" if drop[3] else WHERE[rng.integers(len(WHERE))].format(position))
+        text = CAPTIONS[rng.integers(len(CAPTIONS))].format(**words)
+        return re.sub(r"( ?,)+ ?", ", ", " ".join(text.split())).replace(" .", ".").strip(" ,:")  # tidy the gaps
 
 # ---------------------------------------------------------------------------------------------------- files
 
@@ -271,7 +282,7 @@ class TarShards(torch.utils.data.IterableDataset):
         if not shards:
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world} ranks x {workers} workers")
         step, skip = self.start + (slot - self.start) % workers, len(range(slot, self.start, workers)) * self.batch_size
-        images, captions, skipped = [], [], Skipped()
+        images, captions, skipped, usable = [], [], Skipped(), 0
         for epoch in range(10 ** 9):
             if epoch and not usable:  # a whole pass over the shards without one usable sample: never hang
                 raise ValueError(f"no usable sample in {len(shards)} shards ({dict(skipped)})")

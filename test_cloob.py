@@ -397,13 +397,15 @@ def write_images(folder, n, resolution=32, seed=0):
     return out
 
 
-def test_synthetic_data_is_deterministic_and_holds_out_pairs():
+def test_synthetic_data_is_deterministic_and_holds_out_combinations():
     a, b = data.Synthetic(50, 32, seed=3), data.Synthetic(50, 32, seed=3)
     assert all(np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0])) and a[i][1] == b[i][1] for i in range(5))
-    seen = {(s, c) for _, cap, lab in (a[i] for i in range(50)) for s, c in [(data.SHAPES[lab["shape"]], list(data.COLOURS)[lab["colour"]])]}
-    assert not any(data.is_heldout(s, c) for s, c in seen) and len(seen) > 10
+    assert len(a.triples) == 80 and not any(data.is_heldout(*t) for t in a.triples)
     heldout = data.Synthetic(20, 32, split="heldout")
-    assert all(data.is_heldout(data.SHAPES[heldout[i][2]["shape"]], list(data.COLOURS)[heldout[i][2]["colour"]]) for i in range(20))
+    assert len(heldout.triples) == 20 and all(data.is_heldout(*t) for t in heldout.triples)
+    assert {(s, c) for s, c, _ in heldout.triples} <= {(s, c) for s, c, _ in a.triples}  # pairs seen elsewhere
+    labels = [heldout[i][2] for i in range(20)]
+    assert len({lab["shape"] for lab in labels}) > 2 and len({lab["colour"] for lab in labels}) > 2
     for name, (classes, templates) in data.ZEROSHOT_TASKS.items():  # prompts are not training captions
         assert len(classes) >= 4 and not any(t.split()[1] in c for t in templates for c in data.CAPTIONS)
 
@@ -522,3 +524,15 @@ def test_bad_flags_are_usage_errors(capsys):
             train.parse_args(argv)
         assert e.value.code == 2
     assert "expected synthetic, a .csv/.tsv file or .tar shards" in capsys.readouterr().err
+
+
+def test_tar_shards_without_usable_samples_fail_instead_of_hanging(tmp_path):
+    os.makedirs(tmp_path / "bad")
+    with tarfile.open(tmp_path / "bad" / "00000.tar", "w") as tar:
+        for i in range(3):  # captions without images, and one corrupt image
+            for name, payload in ((f"{i}.txt", b"a caption"),) + (((f"{i}.jpg", b"not a jpeg"),) if i == 0 else ()):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="no usable sample in 1 shards"):
+        next(iter(data.TarShards(str(tmp_path / "bad" / "00000.tar"), 2, 32)))

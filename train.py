@@ -13,7 +13,6 @@ from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -62,7 +61,7 @@ def parse_args(argv=None):
     a("--log-every", type=int, default=10)
     args = p.parse_args(argv)
     synthetic = args.train_data == "synthetic"
-    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=2e-3, warmup=30, lr_scheduler="cosine",
+    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=5e-4, warmup=30, lr_scheduler="cosine",
                     steps=300) if synthetic else \
         dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, lr_scheduler="cosine-restarts",
              epochs=70)
@@ -121,7 +120,7 @@ def open_data(args, rank, world):
     return data.CsvCaptions(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
 
 
-def build_loader(args, dataset, tokenizer, resolution, world, start):
+def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch)."""
     kw = dict(num_workers=args.workers, collate_fn=partial(_collate_and_tokenize, tokenizer),
               pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
@@ -129,7 +128,7 @@ def build_loader(args, dataset, tokenizer, resolution, world, start):
     if isinstance(dataset, data.TarShards):
         dataset.start = start
         return iter(torch.utils.data.DataLoader(dataset, batch_size=None, **kw)), args.train_num_samples // (args.batch_size * world)
-    sampler = data.GlobalBatches(len(dataset), args.batch_size, int(os.environ.get("RANK", 0)), world, args.seed, start)
+    sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start)
     loader = torch.utils.data.DataLoader(data.TrainSet(dataset, resolution, args.seed), batch_sampler=sampler, **kw)
     return iter(loader), sampler.steps_per_epoch
 
@@ -264,7 +263,7 @@ def train(args, rank, world, device):
                                   lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start, last_good = resume(args, run_dir, model, optimizer, scaler)
-    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, world, start)
+    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
     zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
