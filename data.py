@@ -113,7 +113,8 @@ class Synthetic(torch.utils.data.Dataset):
 
     @staticmethod
     def caption(rng, shape, colour, size, position):
-        """Like real captions, many leave things out: each attribute is named or not (colour or shape always)."""
+        """Like real captions, many leave things out: each attribute is named or not (at least one of shape and
+        colour always is; an unnamed shape is "shape")."""
         drop = rng.random(4) < (0.1, 0.5, 0.5, 0.5)  # shape, colour, size, position
         if drop[0] and drop[1]:
             drop[rng.integers(2)] = False
@@ -127,7 +128,7 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 class CsvCaptions(torch.utils.data.Dataset):
-    """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (PIL image, caption, {})."""
+    """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (image path, caption, {})."""
 
     def __init__(self, path, img_key="filepath", caption_key="title", separator=None):
         if not os.path.isfile(path):
