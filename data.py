@@ -91,8 +91,9 @@ class Synthetic(torch.utils.data.Dataset):
         S = 2 * self.resolution  # drawn at 2x, then downsampled: smooth edges
         # background: a grey gradient in a random direction, with pixel noise (flat backgrounds make all images
         # look alike to a new model, and CLOOB's Hopfield retrieval then stalls at the start)
-        t = np.cos(rng.uniform(0, 2 * np.pi)) * np.linspace(-1, 1, S)[None, :] + np.sin(rng.uniform(0, 2 * np.pi)) * np.linspace(-1, 1, S)[:, None]
-        grey = rng.uniform(60, 200) + rng.uniform(-50, 50) * t[..., None] + rng.normal(0, 12, (S, S, 3))
+        ramp = np.linspace(-1, 1, S)
+        t = np.cos(rng.uniform(0, 2 * np.pi)) * ramp[None, :] + np.sin(rng.uniform(0, 2 * np.pi)) * ramp[:, None]  # [S, S]
+        grey = rng.uniform(60, 200) + rng.uniform(-50, 50) * t[..., None] + rng.normal(0, 12, (S, S, 3))  # [S, S, 3]
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
         cx, cy = (S * (p + rng.uniform(-0.04, 0.04)) for p in POSITIONS[position])
         r = S * (0.16 if size == "small" else 0.26) * rng.uniform(0.95, 1.05)
@@ -191,10 +192,6 @@ def tar_samples(path):
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-class Skipped(collections.Counter):
-    """Counts of skipped samples by reason, e.g. {"corrupt image": 3, "empty caption": 1}."""
-
-
 def load_sample(item, transform):
     """(image tensor, caption) from an item (PIL image, path or file; caption; labels), or ValueError naming
     why it is unusable."""
@@ -222,7 +219,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         step, idx = key
-        skipped = Skipped()
+        skipped = collections.Counter()
         for tries in range(100):
             i = (idx + tries) % len(self.dataset)
             rng = np.random.default_rng([self.seed, step, i])
@@ -237,7 +234,7 @@ class TrainSet(torch.utils.data.Dataset):
 def collate(samples):
     """[(image, caption, skipped)] -> (images [B, 3, R, R], captions, skipped counts of the batch)."""
     images, captions, skipped = zip(*samples)
-    return torch.stack(images), list(captions), sum(skipped, Skipped())
+    return torch.stack(images), list(captions), sum(skipped, collections.Counter())
 
 
 class GlobalBatches(torch.utils.data.Sampler):
@@ -283,7 +280,7 @@ class TarShards(torch.utils.data.IterableDataset):
         if not shards:
             raise ValueError(f"{len(self.shards)} shards cannot feed {self.world} ranks x {workers} workers")
         step, skip = self.start + (slot - self.start) % workers, len(range(slot, self.start, workers)) * self.batch_size
-        images, captions, skipped, usable = [], [], Skipped(), 0
+        images, captions, skipped, usable = [], [], collections.Counter(), 0
         for epoch in range(10 ** 9):
             if epoch and not usable:  # a whole pass over the shards without one usable sample: never hang
                 raise ValueError(f"no usable sample in {len(shards)} shards ({dict(skipped)})")
@@ -307,7 +304,7 @@ class TarShards(torch.utils.data.IterableDataset):
                     captions.append(caption)
                     if len(images) == self.batch_size:
                         yield torch.stack(images), captions, skipped
-                        images, captions, skipped, step = [], [], Skipped(), step + workers
+                        images, captions, skipped, step = [], [], collections.Counter(), step + workers
 
 
 class ImageFolder(torch.utils.data.Dataset):

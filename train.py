@@ -3,6 +3,7 @@
   torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
 --batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch."""
 import argparse
+import collections
 import glob
 import json
 import math
@@ -133,7 +134,7 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     return iter(loader), sampler.steps_per_epoch
 
 
-def _collate_and_tokenize(tokenizer, batch):  # runs in the loader workers
+def _collate_and_tokenize(tokenizer, batch):  # in the loader workers; tar shards arrive already batched
     images, captions, skipped = data.collate(batch) if isinstance(batch, list) else batch
     return images, tokenizer(captions), skipped
 
@@ -230,7 +231,7 @@ def load_eval_sets(args, tokenizer, resolution, world):
         zeroshot_set = zeroshot.synthetic_tasks(resolution, seed=args.seed)
     if args.val_data:
         rows = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        samples, skipped = [], data.Skipped()
+        samples, skipped = [], collections.Counter()
         for i in range(len(rows)):
             try:
                 samples.append(data.load_sample(rows[i], lambda im: data.preprocess(im, resolution)))
@@ -275,7 +276,7 @@ def train(args, rank, world, device):
             json.dump(dict(vars(args), world_size=world, total_steps=total), f, indent=1)
         print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; run dir {run_dir}")
-    skipped, bad_steps, t0 = data.Skipped(), 0, time.time()
+    skipped, bad_steps, t0 = collections.Counter(), 0, time.time()
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
