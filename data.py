@@ -308,7 +308,7 @@ class TarShards(torch.utils.data.IterableDataset):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """One sub-folder per class (sorted). Items: (path, "", {"label": class index})."""
+    """One sub-folder per class (sorted). Items: (path, class folder name, {"label": class index})."""
 
     def __init__(self, root):
         if not os.path.isdir(root):
@@ -324,4 +324,4 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         path, label = self.items[idx]
-        return path, "", {"label": label}
+        return path, self.classes[label], {"label": label}

@@ -1,5 +1,7 @@
 """Tests: CPU, offline, seconds. Reference outputs (OpenAI's CLIP code, the official CLOOB loss) are read from
 ../shared/reference/ and the tests that need them skip when it is absent."""
+import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -432,10 +434,11 @@ def test_lr_schedule():
 def test_torchrun_two_ranks_reproduce_one_process(tmp_path):
     common = [*FAST, "--steps", "4", "--logs-dir", str(tmp_path), "--seed", "1"]
     train.main([*common, "--batch-size", "8", "--name", "one"])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--name", "two"],
-                   check=True, capture_output=True, cwd=HERE, timeout=120)
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    for name, extra in (("two", []), ("two-cached", ["--accum-steps", "2"])):  # DDP; gradient caching, 2 x 2 per rank
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--name", name, *extra],
+                       check=True, capture_output=True, cwd=HERE, timeout=120)
+        assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
     assert len(losses(tmp_path / "one")) == 4
 
 
@@ -546,3 +549,222 @@ def test_short_synthetic_run_learns(tmp_path):
     final = metrics(tmp_path / "demo")[-1]
     assert final["zeroshot/colour/top1"] >= 0.5  # chance: 0.2
     assert losses(tmp_path / "demo")[-1] < 0.9 * math.log(64)  # from about ln(64) at the start
+
+# ---------------------------------------------------------------------------------------------------- zeroshot.py
+
+import zeroshot  # noqa: E402
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def eval_folder(tmp_path_factory):
+    """A class-per-folder image set from the synthetic generator (3 shapes, 7 images each, one corrupt file) and
+    a saved MICRO-sized model with the bytes tokenizer."""
+    root = tmp_path_factory.mktemp("zs")
+    ds = data.Synthetic(60, 24, split="heldout")
+    counts = {}
+    for i in range(60):
+        image, _, labels = ds[i]
+        shape = data.SHAPES[labels["shape"]]
+        if shape != "triangle" and counts.get(shape, 0) < 7:
+            counts[shape] = counts.get(shape, 0) + 1
+            os.makedirs(root / "images" / shape.replace("circle", "round_disc"), exist_ok=True)
+            image.save(root / "images" / shape.replace("circle", "round_disc") / f"{i}.png")
+    (root / "images" / "square" / "broken.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    model = cloob.CLIP(dataclasses.replace(MICRO, vocab_size=258, context_length=24))
+    model.set_temperature(30.0, learnable=False)
+    cloob.save_checkpoint(str(root / "run" / "checkpoints" / "step_0000005.pt"), model, "bytes", "cloob", inv_tau=30.0)
+    return root
+
+
+def test_zeroshot_batched_classifier_equals_direct_computation(eval_folder, tmp_path):
+    out = tmp_path / "r.json"
+    zeroshot.main(["--model", str(eval_folder / "run"), "--data", str(eval_folder / "images"), "--templates", "single",
+                   "--batch-size", "4", "--workers", "0", "--output", str(out)])
+    result = json.loads(out.read_text())
+    model, info = cloob.load_model(str(eval_folder / "run" / "checkpoints" / "step_0000005.pt"))
+    tok = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
+    names, hits1, hits5, per_class = ["cross", "round disc", "square"], 0, 0, {}
+    with torch.no_grad():  # one text and one image at a time
+        w = torch.stack([F.normalize(model.encode_text(tok([f"a photo of a {c}."]))[0], dim=-1) for c in names])
+        for label, folder in enumerate(["cross", "round_disc", "square"]):
+            for f in sorted(os.listdir(eval_folder / "images" / folder)):
+                if f.endswith(".png"):
+                    image = data.preprocess(data.open_image(eval_folder / "images" / folder / f), 16)
+                    scores = F.normalize(model.encode_image(image[None])[0], dim=-1) @ w.T
+                    hits1 += scores.argmax().item() == label
+                    per_class.setdefault(names[label], []).append(scores.argmax().item() == label)
+                    hits5 += label in scores.topk(3).indices.tolist()
+    assert result["n"] == 21 and result["skipped"] == 1  # the corrupt file is counted, not fatal
+    assert result["top1"] == pytest.approx(hits1 / 21) and result["top5"] == pytest.approx(hits5 / 21)
+    assert result["per_class"] == pytest.approx({c: sum(v) / len(v) for c, v in per_class.items()})
+
+
+def test_zeroshot_openai_archive_through_the_cli(eval_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOOB_BPE", ref("bpe_simple_vocab_16e6.txt.gz"))
+    (tmp_path / "names.txt").write_text("cross\tan x\nround_disc\ta circle\nsquare\ta box\n")
+    out = tmp_path / "r.json"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "zeroshot.py"), "--model", ref("tiny_vit_openai_jit.pt"),
+                             "--data", str(eval_folder / "images"), "--classnames", str(tmp_path / "names.txt"),
+                             "--workers", "0", "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "openai-torchscript checkpoint, clip, clip tokenizer" in result.stderr
+    assert "label: top-1" in result.stdout and "per-class top-1, worst first" in result.stdout
+    r = json.loads(out.read_text())
+    assert r["n"] == 21 and set(r["per_class"]) == {"an x", "a circle", "a box"} and 0 <= r["top1"] <= r["top5"] <= 1
+
+
+def test_zeroshot_single_images(eval_folder, capsys):
+    paths = [str(eval_folder / "images" / "cross" / sorted(os.listdir(eval_folder / "images" / "cross"))[0]),
+             str(eval_folder / "images" / "square" / sorted(os.listdir(eval_folder / "images" / "square"))[0])]
+    results = zeroshot.main(["--model", str(eval_folder / "run"), "--image", *paths, "--labels", "a cross, a square,a disc"])
+    model, _ = cloob.load_model(str(eval_folder / "run" / "checkpoints" / "step_0000005.pt"))
+    tok = cloob.Tokenizer("bytes", 24)
+    with torch.no_grad():
+        y = F.normalize(model.encode_text(tok(["a cross", "a square", "a disc"])), dim=-1)
+        for path in paths:
+            x = F.normalize(model.encode_image(data.preprocess(data.open_image(path), 16)[None]), dim=-1)
+            expected = dict(zip(["a cross", "a square", "a disc"], (30.0 * x @ y.T).softmax(-1)[0].tolist()))
+            assert results[path] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+            assert list(results[path]) == sorted(expected, key=expected.get, reverse=True)  # best first
+    assert capsys.readouterr().out.count("%") == 6
+
+
+def test_retrieval_recall_and_embedding_analysis():
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    y = F.normalize(x + 0.8 * torch.randn(50, 8, generator=g), dim=-1)
+    r = zeroshot.retrieval_recall(x, y, chunk=7)
+    for direction, (q, k) in (("image_to_text", (x, y)), ("text_to_image", (y, x))):
+        position = (torch.argsort(q @ k.T, dim=-1, descending=True) == torch.arange(50)[:, None]).float().argmax(-1)
+        for n in (1, 5, 10):
+            assert r[f"{direction}_R@{n}"] == pytest.approx((position < n).float().mean().item())
+    assert 0 < r["image_to_text_R@1"] < r["image_to_text_R@10"] < 1
+    basis = torch.linalg.qr(torch.randn(16, 3, generator=g))[0].T  # 3 orthonormal directions in 16-d
+    flat = torch.randn(500, 3, generator=g) @ basis + 0.001 * torch.randn(500, 16, generator=g)
+    assert zeroshot.effective_rank(flat) == 3 and zeroshot.effective_rank(torch.randn(500, 16, generator=g)) > 12
+    a = zeroshot.analyze(x, y)
+    assert a["matched_cosine"] == pytest.approx((x * y).sum(-1).mean().item())
+    assert a["unmatched_cosine"] < a["matched_cosine"]
+
+
+def test_zeroshot_retrieval_and_analysis_on_a_csv(eval_folder, tmp_path, capsys):
+    rows = ["filepath,title"] + [f"{eval_folder}/images/{d}/{f},a {d}" for d in ("cross", "square")
+                                 for f in sorted(os.listdir(eval_folder / "images" / d))] + ["missing.png,a ghost"]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    r = zeroshot.main(["--model", str(eval_folder / "run"), "--retrieval", str(tmp_path / "pairs.csv"), "--workers", "0"])
+    assert r["n"] == 14 and r["skipped"] == {"corrupt image": 1, "missing image": 1}
+    assert set(r) >= {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+    a = zeroshot.main(["--model", str(eval_folder / "run"), "--retrieval", str(tmp_path / "pairs.csv"), "--analyze",
+                       "--workers", "0"])
+    assert a["n"] == 14 and 1 <= a["image_eigenvalues_99"] <= 14 and a["text_eigenvalues_99"] <= 2
+    assert "eigenvalues explaining 99% of the covariance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "{empty}"], "no images in class sub-folders"),
+    (["--data", "{images}", "--classnames", "{names}"], "has 2 class names but the data has 3 class folders"),
+    (["--data", "nowhere"], "image folder not found: nowhere"),
+    (["--image", "nowhere.jpg", "--labels", "a,b"], "image not found: nowhere.jpg"),
+    (["--image", "{images}/square/broken.jpg", "--labels", "a,b"], "broken.jpg: corrupt image"),
+    (["--data", "{images}", "--templates", "{names}"], "every template needs a {} for the class name"),
+    (["--model", "{names}", "--data", "{images}"], "is not a checkpoint torch can read"),
+    (["--model", "{empty}", "--data", "{images}"], "is a directory without checkpoints"),
+    (["--model", "missing.pt", "--data", "{images}"], "checkpoint not found: missing.pt"),
+])
+def test_zeroshot_bad_input_is_a_one_line_error(argv, message, eval_folder, tmp_path, monkeypatch, capsys):
+    os.makedirs(tmp_path / "empty" / "some_class")
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    paths = dict(empty=tmp_path / "empty", images=eval_folder / "images", names=tmp_path / "names.txt")
+    argv = [a.format(**paths) for a in (argv if argv[0] == "--model" else ["--model", str(eval_folder / "run"), *argv])]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        zeroshot.main([*argv, "--workers", "0"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.endswith("px")]  # minus the model line
+    assert e.value.code == 1 and len(errors) == 1 and errors[0].startswith("zeroshot.py: error: ") and message in errors[0]
+
+# ---------------------------------------------------------------------------------------------------- performance
+
+
+class LiveActivations:
+    """saved_tensors_hooks: bytes of activations autograd holds (parameters excluded), and their peak."""
+
+    def __init__(self, model):
+        self.params, self.live, self.peak = {p.data_ptr() for p in model.parameters()}, 0, 0
+
+    def pack(self, t):
+        return _Held(self, t, 0 if t.data_ptr() in self.params else t.numel() * t.element_size())
+
+
+class _Held:
+    def __init__(self, owner, t, n):
+        self.owner, self.t, self.n = owner, t, n
+        owner.live += n
+        owner.peak = max(owner.peak, owner.live)
+
+    def __del__(self):
+        self.owner.live -= self.n
+
+
+@pytest.mark.parametrize("method", ["clip", "cloob"])
+def test_gradient_caching_equals_the_big_batch_gradient(method):
+    torch.manual_seed(0)
+    model = cloob.CLIP(dataclasses.replace(cloob.CONFIGS["tiny-vit"], vocab_size=258))
+    model.set_temperature(30.0 if method == "cloob" else 1 / 0.07, learnable=method == "clip")
+    ds = data.Synthetic(32, 32)
+    images = torch.stack([data.preprocess(ds[i][0], 32) for i in range(32)])
+    tokens = cloob.Tokenizer("bytes", 48)([ds[i][1] for i in range(32)])
+    args = train.parse_args(["--method", method, "--batch-size", "32"])
+    grads, peaks = {}, {}
+    for k in (1, 4):
+        args.accum_steps = k
+        model.zero_grad()
+        hooks = LiveActivations(model)
+        with torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda held: held.t):
+            if k == 1:
+                train.compute_loss(args, model, *model(images, tokens)).backward()
+            else:
+                train.grad_cache_backward(args, model, images, tokens, contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), 1)
+        grads[k] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        peaks[k] = hooks.peak
+    assert grads[1].keys() == grads[4].keys() and ("logit_scale" in grads[4]) == (method == "clip")
+    for n in grads[1]:
+        assert (grads[4][n] - grads[1][n]).abs().max() <= 1e-5 * max(1.0, grads[1][n].abs().max().item()), n
+    assert peaks[4] < 0.3 * peaks[1]  # activations of one micro-batch at a time
+
+
+def test_nonfinite_losses_skip_the_step_and_repeated_ones_stop_the_run(tmp_path, monkeypatch, capsys):
+    real, calls = train.compute_loss, []
+
+    def poisoned(args, model, x, y):  # steps listed in `bad` get a NaN loss (and NaN gradients)
+        calls.append(1)
+        return real(args, model, x, y) * (float("nan") if len(calls) in bad else 1.0)
+    monkeypatch.setattr(train, "compute_loss", poisoned)
+    bad = {5, 6}
+    train.main([*FAST, "--batch-size", "4", "--steps", "6", "--save-every", "1", "--logs-dir", str(tmp_path), "--name", "nan"])
+    five, six = (torch.load(p, weights_only=True) for p in train.checkpoint_paths(str(tmp_path / "nan")))
+    assert (five["step"], six["step"]) == (5, 6) and metrics(tmp_path / "nan")[-2]["nonfinite_steps"] == 2
+    for k in five["model"]:  # step 6 left weights and Adam moments as they were
+        assert torch.equal(five["model"][k], six["model"][k]) and torch.isfinite(six["model"][k]).all()
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(five["optimizer"]["state"].values(), six["optimizer"]["state"].values()))
+    calls.clear()
+    bad = set(range(3, 100))
+    with pytest.raises(SystemExit):
+        train.main([*FAST, "--batch-size", "4", "--steps", "20", "--log-every", "5", "--logs-dir", str(tmp_path), "--name", "nan2"])
+    assert "train.py: error: the loss was not finite for 8 steps in a row (by step 10)" in capsys.readouterr().err
+
+
+def test_bench_runs_on_cpu_and_prints_its_figures(capsys):
+    r = bench.main(["--model", "tiny-vit", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--compare",
+                    "--peak-tflops", "1.0"])
+    out = capsys.readouterr().out
+    assert "ms/step (median)" in out and "CLOOB's step overhead over CLIP" in out and "peak RSS" in out
+    flops = r["gflops_per_sample"] * 1e9
+    assert 0.2e9 < flops < 0.3e9  # 3 x (the towers' forward matmuls): about 0.24 GFLOPs for tiny-vit
+    for m in r["methods"].values():
+        assert m["samples_per_s"] == pytest.approx(8 / (m["step_ms"] / 1e3))
+        assert m["mfu"] == pytest.approx(m["model_tflops"] / 1.0)
+    bench.main(["--model", "tiny-vit", "--batch-size", "8", "--steps", "1", "--warmup", "0", "--accum-steps", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["accum_steps"] == 2
+    assert bench.main(["--tokenizer", "bytes"])["captions_per_s"] > 0

@@ -51,6 +51,10 @@ def parse_args(argv=None):
     a("--lr-scheduler", choices=["cosine", "cosine-restarts", "const"])
     a("--restart-cycles", type=int, default=10)
     a("--grad-clip-norm", type=float)
+    a("--accum-steps", type=int, default=1, help="split each step's batch into K micro-batches with exact gradient "
+      "caching: same gradient as the whole batch (negatives from all of it), activation memory of one micro-batch")
+    a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
+    a("--compile", action="store_true", help="torch.compile the model")
     a("--steps", type=int, help="total optimizer steps (default: from --epochs; 300 on synthetic data)")
     a("--epochs", type=int, help="default 70 (the official CLOOB run)")
     a("--seed", type=int, default=0)
@@ -76,6 +80,8 @@ def parse_args(argv=None):
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not synthetic and not (args.train_data.endswith(".tar") or os.path.splitext(args.train_data)[1] in (".csv", ".tsv")):
         p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar shards")
+    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
+        p.error(f"--accum-steps {args.accum_steps} must be >= 1 and divide --batch-size {args.batch_size}")
     if args.train_data.endswith(".tar") and not args.train_num_samples:
         p.error("tar shards need --train-num-samples (the samples in one epoch)")
     return args
@@ -200,8 +206,9 @@ def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
     model = cloob.unwrap(model).eval()
     results = {}
     if zeroshot_set:
-        top1 = zeroshot.evaluate(model, tokenizer, *zeroshot_set, device=device)
-        results.update({f"zeroshot/{task}/top1": v for task, v in top1.items()})
+        tasks, batches = zeroshot_set
+        for task, r in zeroshot.evaluate(model, tokenizer, tasks, batches(), device).items():
+            results[f"zeroshot/{task}/top1"] = r["top1"]
     if val_set:
         images, tokens = val_set
         n, losses, xs, ys = args.batch_size, [], [], []
@@ -221,14 +228,16 @@ def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
 
 
 def load_eval_sets(args, tokenizer, resolution, world):
+    """-> ((zero-shot tasks, a function giving this rank's batches) or None, (val images, val tokens) or None)."""
     zeroshot_set = val_set = None
-    if args.zeroshot_data:
+    if args.zeroshot_data:  # task named after the folder; CLIP's 7 ImageNet templates, as zeroshot.py's default
         folder = data.ImageFolder(args.zeroshot_data)
-        images = torch.stack([data.preprocess(data.open_image(p), resolution) for p, _ in folder.items])
-        labels = torch.tensor([label for _, label in folder.items])
-        zeroshot_set = (images, {"folder": (labels, [c.replace("_", " ") for c in folder.classes], ["a photo of a {}."])})
+        tasks = {os.path.basename(os.path.normpath(args.zeroshot_data)):
+                 ([c.replace("_", " ") for c in folder.classes], zeroshot.TEMPLATES["ensemble"])}
+        zeroshot_set = (tasks, lambda: zeroshot.loader(folder, resolution, args.batch_size, args.workers))
     elif args.train_data == "synthetic":
-        zeroshot_set = zeroshot.synthetic_tasks(resolution, seed=args.seed)
+        tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
+        zeroshot_set = (tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size))
     if args.val_data:
         rows = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
         samples, skipped = [], collections.Counter()
@@ -253,21 +262,92 @@ def log(run_dir, rank, event, line=None):
             f.write(json.dumps(event) + "\n")
 
 
+def make_optimizer(args, model):
+    """AdamW, weight decay only on tensors with >= 2 dims (not on gains, biases, the temperature). Fused: one
+    kernel for all tensors, and it can skip a step on the device (found_inf, in train_step)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+
+
+def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
+    """Exact gradient caching (Gao et al., 2021) over K = --accum-steps micro-batches of this rank's batch:
+    1. encode every micro-batch without autograd: the features of the whole batch;
+    2. the loss on them (negatives from all micro-batches, and from all ranks), back-propagated to the features
+       and to the temperature (its gradient is counted once, here);
+    3. re-encode each micro-batch with autograd and back-propagate its slice of the feature gradient.
+    By the chain rule the parameter gradient is the whole batch's; activations are those of one micro-batch.
+    DDP is bypassed: the gradients are averaged over ranks once, at the end, as DDP would. -> the loss."""
+    chunks = list(zip(images.chunk(args.accum_steps), tokens.chunk(args.accum_steps)))
+    with torch.no_grad(), ctx:
+        features = [net(i, t) for i, t in chunks]
+    x = torch.cat([f[0] for f in features]).float().requires_grad_()  # [B, D]
+    y = torch.cat([f[1] for f in features]).float().requires_grad_()
+    loss = compute_loss(args, net, x, y)
+    scaler.scale(loss).backward()  # -> x.grad, y.grad [B, D] (scaled like the loss under fp16)
+    for (i, t), gx, gy in zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps)):
+        with ctx:
+            xk, yk = net(i, t)
+        torch.autograd.backward([xk, yk], [gx.to(xk.dtype), gy.to(yk.dtype)])
+    if world > 1:  # one flat all-reduce (gloo has no AVG)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
+            g.copy_(f.view_as(g))
+    return loss
+
+
+def train_step(args, model, net, ddp, optimizer, scaler, ctx, images, tokens, world):
+    """One optimizer step on this rank's batch. model: the plain CLIP; net: it or its torch.compile wrapper; ddp:
+    net or its DDP wrapper. -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host sync."""
+    device = model.logit_scale.device
+    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+    if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
+        images = images.contiguous(memory_format=torch.channels_last)  # the ResNet's convolutions on tensor cores
+    if args.accum_steps > 1:
+        loss = grad_cache_backward(args, net, images, tokens, ctx, scaler, world)
+    else:
+        with ctx:
+            x, y = ddp(images, tokens)
+        loss = compute_loss(args, model, x, y)
+        scaler.scale(loss).backward()
+    finite = torch.isfinite(loss.detach()).float()
+    if world > 1:  # a non-finite loss on any rank: skip the step everywhere
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if args.grad_clip_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+    if scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.found_inf = 1 - finite  # fused AdamW leaves weights and moments untouched when this is 1
+        optimizer.step()
+    if args.method == "clip":
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(100))
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), finite
+
+
 def train(args, rank, world, device):
     run_dir = os.path.join(args.logs_dir, args.name)
     dataset = open_data(args, rank, world)
     model, tokenizer = build_model(args, device)
     resolution = model.config.image_resolution
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]  # no decay on gains, biases, scale
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=device.type == "cuda")
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
+        model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    optimizer = make_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start, last_good = resume(args, run_dir, model, optimizer, scaler)
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
     zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(model) if args.compile else model
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     if rank == 0:
@@ -276,50 +356,35 @@ def train(args, rank, world, device):
             json.dump(dict(vars(args), world_size=world, total_steps=total), f, indent=1)
         print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; run dir {run_dir}")
-    skipped, bad_steps, t0 = collections.Counter(), 0, time.time()
+    # non-finite losses are counted on the device and read only when logging: no host sync in the loop
+    skipped, t0 = collections.Counter(), time.time()
+    streak, worst, nonfinite = (torch.zeros((), device=device) for _ in range(3))
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, tokens, batch_skipped = next(batches)
         skipped += batch_skipped
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-        with ctx:
-            x, y = ddp(images, tokens)
-        loss = compute_loss(args, model, x, y)
-        scaler.scale(loss).backward()
-        finite = torch.isfinite(loss).float()
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item():  # a non-finite loss on any rank: skip the step everywhere
-            bad_steps = 0
-            if args.grad_clip_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if args.method == "clip":
-                with torch.no_grad():
-                    model.logit_scale.clamp_(max=math.log(100))
-        else:
-            bad_steps += 1
-            log(run_dir, rank, {"step": step + 1, "nonfinite_loss": True}, f"step {step + 1}: non-finite loss, step skipped")
-            if bad_steps >= 5:
-                raise FloatingPointError(f"the loss was not finite for 5 steps in a row (step {step + 1}); last good "
-                                   f"checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
-        optimizer.zero_grad(set_to_none=True)
+        loss, finite = train_step(args, model, net, ddp, optimizer, scaler, ctx, images, tokens, world)
+        streak = (streak + 1) * (1 - finite)
+        worst, nonfinite = torch.maximum(worst, streak), nonfinite + 1 - finite
         done = step + 1
         if done % args.log_every == 0 or done == total:
-            stats = torch.tensor([loss.item(), sum(skipped.values())], device=device, dtype=torch.float64)
+            stats = torch.stack([loss.double(), torch.tensor(float(sum(skipped.values())), device=device)])
             if world > 1:
                 dist.all_reduce(stats)
             rate = (done - start) * args.batch_size * world / (time.time() - t0)
             event = {"step": done, "epoch": done / steps_per_epoch, "loss": stats[0].item() / world, "lr": lr,
-                     "inv_temperature": model.logit_scale.exp().item(), "samples_per_s": rate, "skipped": int(stats[1].item())}
+                     "inv_temperature": model.logit_scale.exp().item(), "samples_per_s": rate,
+                     "skipped": int(stats[1].item()), "nonfinite_steps": int(nonfinite.item())}
             eta = (total - done) * args.batch_size * world / rate
             line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
                     f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s eta {eta / 60:.1f} min")
-            log(run_dir, rank, event, line + (f" skipped {dict(skipped)}" if skipped else ""))
+            log(run_dir, rank, event, line + (f" skipped {dict(skipped)}" if skipped else "") +
+                (f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""))
+            if worst.item() >= 5:  # the weights are those before the first of these steps
+                raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step {done}); "
+                                         f"last checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
         if done % args.save_every == 0 or done == total:
             if rank == 0:
                 last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
