@@ -120,7 +120,7 @@ def sync(device):
 def bench_tokenizer(name, n=20000):
     ds = data.Synthetic(n)
     rng = np.random.default_rng(0)
-    captions = [ds.caption(rng, *(rng.choice(x) for x in (data.SHAPES, list(data.COLOURS), data.SIZES, list(data.POSITIONS))))
+    captions = [ds.caption(rng, *(rng.choice(x) for x in (data.SHAPES, list(data.COLOURS), list(data.SIZES), list(data.POSITIONS))))
                 for _ in range(n)]
     tokenizer = cloob.Tokenizer(name)
     tokenizer(captions[:100])  # warm

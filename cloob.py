@@ -60,7 +60,7 @@ CONFIGS = {  # OpenAI's published shapes, and two tiny ones for CPU work (byte t
     "ViT-B-32": _preset(512, 224, 12, 768, 32, 512),
     "ViT-B-16": _preset(512, 224, 12, 768, 16, 512),
     "ViT-L-14": _preset(768, 224, 24, 1024, 14, 768),
-    "tiny-vit": _preset(64, 32, 3, 128, 8, 128, 2, context_length=48, vocab_size=258, transformer_layers=3),
+    "tiny-vit": _preset(64, 32, 3, 128, 8, 64, 2, context_length=48, vocab_size=258, transformer_layers=3),
     "tiny-rn": _preset(64, 64, (1, 1, 1, 1), 16, None, 128, 2, context_length=48, vocab_size=258,
                        transformer_layers=3),
 }

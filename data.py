@@ -57,7 +57,7 @@ def random_resized_crop(image, resolution, rng, scale=(0.9, 1.0), ratio=(3 / 4, 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225), "yellow": (235, 215, 30),
            "purple": (145, 50, 185)}
-SIZES = ("small", "large")
+SIZES = {"small": 0.26, "large": 0.34}  # radius as a fraction of the image side
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "middle": (0.5, 0.5)}
 CAPTIONS = ("a {size} {colour} {shape} {where}.", "{colour} {shape}, {size}, {where}", "the {shape} {where} is {colour}",
             "there is a {size} {shape} coloured {colour}", "{where}: one {colour} {shape}")
@@ -87,7 +87,7 @@ class Synthetic(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         rng = np.random.default_rng([self.seed, idx, self.heldout])
         shape, colour, position = self.triples[rng.integers(len(self.triples))]
-        size = SIZES[rng.integers(2)]
+        size = list(SIZES)[rng.integers(len(SIZES))]
         S = 2 * self.resolution  # drawn at 2x, then downsampled: smooth edges
         # background: a grey gradient in a random direction, with pixel noise (flat backgrounds make all images
         # look alike to a new model, and CLOOB's Hopfield retrieval then stalls at the start)
@@ -96,7 +96,7 @@ class Synthetic(torch.utils.data.Dataset):
         grey = rng.uniform(60, 200) + rng.uniform(-50, 50) * t[..., None] + rng.normal(0, 12, (S, S, 3))  # [S, S, 3]
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
         cx, cy = (S * (p + rng.uniform(-0.04, 0.04)) for p in POSITIONS[position])
-        r = S * (0.16 if size == "small" else 0.26) * rng.uniform(0.95, 1.05)
+        r = S * SIZES[size] * rng.uniform(0.95, 1.05)
         fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, 3), 0, 255))
         draw = ImageDraw.Draw(image)
         if shape == "circle":
@@ -114,14 +114,11 @@ class Synthetic(torch.utils.data.Dataset):
 
     @staticmethod
     def caption(rng, shape, colour, size, position):
-        """Like real captions, many leave things out: each attribute is named or not (at least one of shape and
-        colour always is; an unnamed shape is "shape")."""
-        drop = rng.random(4) < (0.1, 0.5, 0.5, 0.5)  # shape, colour, size, position
-        if drop[0] and drop[1]:
-            drop[rng.integers(2)] = False
-        words = dict(colour="" if drop[1] else colour, shape="shape" if drop[0] else shape,
-                     size="" if drop[2] else size,
-                     where="" if drop[3] else WHERE[rng.integers(len(WHERE))].format(position))
+        """Every caption names the shape and the colour; like real captions, about half leave out the size and
+        half the position. (Captions that left out shape or colour half the time slowed CLOOB down a lot.)"""
+        named = rng.random(2) < 0.5  # size, position
+        words = dict(colour=colour, shape=shape, size=size if named[0] else "",
+                     where=WHERE[rng.integers(len(WHERE))].format(position) if named[1] else "")
         text = CAPTIONS[rng.integers(len(CAPTIONS))].format(**words)
         return re.sub(r"( ?,)+ ?", ", ", " ".join(text.split())).replace(" .", ".").strip(" ,:")  # tidy the gaps
 

@@ -314,7 +314,8 @@ def classify_folder(args, model, tokenizer):
     t0 = time.time()
     results = evaluate(model, tokenizer, tasks, batches, args.device, Progress(n))
     for name, r in results.items():
-        print(f"{name}: top-1 {r['top1']:.2%}  top-5 {r['top5']:.2%}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
+        top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
+        print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
               f"images/s" + (f"; {r['skipped']} unreadable, skipped)" if r["skipped"] else ")"))
         worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)
         print("  per-class top-1, worst first: " + ", ".join(f"{c} {v:.0%}" for v, c in worst[:20]) +
