@@ -105,7 +105,7 @@ def bench_steps(args, device):
         for m in methods:
             sync(device)
             t0 = time.perf_counter()
-            train.train_step(targs[m], model, net, net, optimizer, scaler, ctx, images, tokens, 1)
+            train.train_step(targs[m], model, net, optimizer, scaler, ctx, images, tokens, 1)
             sync(device)
             if i >= args.warmup:
                 times[m].append(time.perf_counter() - t0)

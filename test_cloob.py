@@ -666,7 +666,7 @@ def test_zeroshot_retrieval_and_analysis_on_a_csv(eval_folder, tmp_path, capsys)
     (["--data", "{empty}"], "no images in class sub-folders"),
     (["--data", "{images}", "--classnames", "{names}"], "has 2 class names but the data has 3 class folders"),
     (["--data", "nowhere"], "image folder not found: nowhere"),
-    (["--image", "nowhere.jpg", "--labels", "a,b"], "image not found: nowhere.jpg"),
+    (["--image", "nowhere.jpg", "--labels", "a,b"], "nowhere.jpg: missing image"),
     (["--image", "{images}/square/broken.jpg", "--labels", "a,b"], "broken.jpg: corrupt image"),
     (["--data", "{images}", "--templates", "{names}"], "every template needs a {} for the class name"),
     (["--model", "{names}", "--data", "{images}"], "is not a checkpoint torch can read"),

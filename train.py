@@ -301,9 +301,10 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     return loss
 
 
-def train_step(args, model, net, ddp, optimizer, scaler, ctx, images, tokens, world):
-    """One optimizer step on this rank's batch. model: the plain CLIP; net: it or its torch.compile wrapper; ddp:
-    net or its DDP wrapper. -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host sync."""
+def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
+    """One optimizer step on this rank's batch. model: the plain CLIP; net: what to call, the model possibly
+    wrapped in DDP and/or torch.compile. -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host
+    sync."""
     device = model.logit_scale.device
     images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
@@ -312,7 +313,7 @@ def train_step(args, model, net, ddp, optimizer, scaler, ctx, images, tokens, wo
         loss = grad_cache_backward(args, net, images, tokens, ctx, scaler, world)
     else:
         with ctx:
-            x, y = ddp(images, tokens)
+            x, y = net(images, tokens)
         loss = compute_loss(args, model, x, y)
         scaler.scale(loss).backward()
     finite = torch.isfinite(loss.detach()).float()
@@ -348,8 +349,9 @@ def train(args, rank, world, device):
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
     zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
-    net = torch.compile(model) if args.compile else model
-    ddp = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and args.accum_steps == 1 else model
+    net = torch.compile(net) if args.compile else net
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     if rank == 0:
@@ -367,7 +369,7 @@ def train(args, rank, world, device):
             group["lr"] = lr
         images, tokens, batch_skipped = next(batches)
         skipped += batch_skipped
-        loss, finite = train_step(args, model, net, ddp, optimizer, scaler, ctx, images, tokens, world)
+        loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
         streak = (streak + 1) * (1 - finite)
         worst, nonfinite = torch.maximum(worst, streak), nonfinite + 1 - finite
         done = step + 1

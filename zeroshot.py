@@ -221,20 +221,18 @@ def find_checkpoint(path):
     return path
 
 
-class Progress:
-    """A line on stderr at most every 10 s: images done, images/s, ETA."""
+def progress(total):
+    """-> a callback taking the number of images just done; prints images/s and ETA on stderr every 10 s."""
+    t0, state = time.time(), {"done": 0, "last": time.time()}
 
-    def __init__(self, total):
-        self.total, self.done, self.t0, self.last = total, 0, time.time(), time.time()
-
-    def __call__(self, n):
-        self.done += n
-        now = time.time()
-        if now - self.last > 10 and self.done < self.total:
-            rate = self.done / (now - self.t0)
-            print(f"  {self.done}/{self.total} images, {rate:.0f} images/s, eta {(self.total - self.done) / rate:.0f} s",
+    def update(n):
+        state["done"] += n
+        if time.time() - state["last"] > 10 and state["done"] < total:
+            rate = state["done"] / (time.time() - t0)
+            print(f"  {state['done']}/{total} images, {rate:.0f} images/s, eta {(total - state['done']) / rate:.0f} s",
                   file=sys.stderr, flush=True)
-            self.last = now
+            state["last"] = time.time()
+    return update
 
 
 def parse_args(argv=None):
@@ -280,15 +278,12 @@ def classify_images(args, model, tokenizer):
     w = classifier(model, tokenizer, labels, read_templates(args.templates) if args.templates else ("{}",), args.device)
     results = {}
     for path in args.image:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image not found: {path}")
-        try:
+        try:  # "missing image" or "corrupt image"
             image, _ = data.load_sample((path, "-", {}), lambda im: data.preprocess(im, model.config.image_resolution))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        image = image[None].to(args.device)
-        with torch.no_grad():
-            probs = (model.logit_scale.exp() * F.normalize(model.encode_image(image).float(), dim=-1) @ w).softmax(-1)[0]
+        x = F.normalize(model.encode_image(image[None].to(args.device)).float(), dim=-1)  # [1, D]
+        probs = (model.logit_scale.exp() * x @ w).softmax(dim=-1)[0]
         results[path] = dict(sorted(zip(labels, probs.tolist()), key=lambda kv: -kv[1]))
         print(path)
         for label, prob in results[path].items():
@@ -312,7 +307,7 @@ def classify_folder(args, model, tokenizer):
         tasks = {"label": (class_names(args, folder), read_templates(args.templates or "ensemble"))}
         batches, n = loader(folder, resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
-    results = evaluate(model, tokenizer, tasks, batches, args.device, Progress(n))
+    results = evaluate(model, tokenizer, tasks, batches, args.device, progress(n))
     for name, r in results.items():
         top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
         print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
