@@ -51,9 +51,9 @@ def _distributed():
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None):
     """Zero-shot classification. tasks: {name: (classnames, templates)}; batches: iterable of (images [B, 3, R, R],
-    captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader(). Under torch.distributed each rank passes its own
-    share of the images and all get the totals. -> {name: {"top1", "top5", "per_class": {class: top1}, "n",
-    "skipped"}}, accuracies as fractions."""
+    captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
+    tensor_batches(). Under torch.distributed each rank passes its own share of the images and all get the
+    totals. -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
     weights = {name: classifier(model, tokenizer, classnames, templates, device) for name, (classnames, templates) in tasks.items()}
     counts = {name: torch.zeros(3, len(classnames), dtype=torch.float64, device=device)  # top-1, top-5, total per class
               for name, (classnames, _) in tasks.items()}
