@@ -784,3 +784,13 @@ def test_bench_runs_on_cpu_and_prints_its_figures(capsys):
     bench.main(["--model", "tiny-vit", "--batch-size", "8", "--steps", "1", "--warmup", "0", "--accum-steps", "2", "--json"])
     assert json.loads(capsys.readouterr().out)["accum_steps"] == 2
     assert bench.main(["--tokenizer", "bytes"])["captions_per_s"] > 0
+
+
+def test_zeroshot_progress_line_every_ten_seconds(monkeypatch, capsys):
+    clock = iter([0.0, 5.0, 12.0, 15.0])  # start, then one reading per update
+    monkeypatch.setattr(zeroshot.time, "time", lambda: next(clock))
+    update = zeroshot.progress(1000)
+    update(100)  # t=5: too soon
+    update(200)  # t=12: 300 done, 300/12 images/s, 700 left -> eta 28 s
+    update(100)  # t=15: 3 s after the last line
+    assert capsys.readouterr().err == "  300/1000 images, 25 images/s, eta 28 s\n"

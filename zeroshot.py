@@ -223,15 +223,16 @@ def find_checkpoint(path):
 
 def progress(total):
     """-> a callback taking the number of images just done; prints images/s and ETA on stderr every 10 s."""
-    t0, state = time.time(), {"done": 0, "last": time.time()}
+    t0 = time.time()
+    state = {"done": 0, "last": t0}
 
     def update(n):
-        state["done"] += n
-        if time.time() - state["last"] > 10 and state["done"] < total:
-            rate = state["done"] / (time.time() - t0)
+        state["done"], now = state["done"] + n, time.time()
+        if now - state["last"] > 10 and state["done"] < total:
+            rate = state["done"] / (now - t0)
             print(f"  {state['done']}/{total} images, {rate:.0f} images/s, eta {(total - state['done']) / rate:.0f} s",
                   file=sys.stderr, flush=True)
-            state["last"] = time.time()
+            state["last"] = now
     return update
 
 
