@@ -10,7 +10,6 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -86,19 +85,13 @@ def synthetic_batch(config, n, device, seed=0):
 def bench_steps(args, device):
     """-> {method: [seconds per step]}: one model and optimizer; methods alternate step by step (--compare)."""
     methods = ["clip", "cloob"] if args.compare else [args.method]
-    targs = {m: train.parse_args(["--train-data", "synthetic", "--method", m, "--model", args.model, "--batch-size",
-                                  str(args.batch_size), "--accum-steps", str(args.accum_steps)]) for m in methods}
+    flags = ["--model", args.model, "--batch-size", str(args.batch_size), "--accum-steps", str(args.accum_steps),
+             "--precision", args.precision] + ["--compile"] * args.compile + ["--grad-checkpointing"] * args.grad_checkpointing
+    targs = {m: train.parse_args(["--method", m, *flags]) for m in methods}  # train.py's own settings
     torch.manual_seed(0)
     model = cloob.CLIP(cloob.CONFIGS[args.model]).to(device)
     model.set_temperature(30.0, learnable=False)  # as CLOOB; CLIP's learnable temperature does not change the cost
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
-        model.visual.to(memory_format=torch.channels_last)
-    optimizer = train.make_optimizer(targs[methods[0]], model)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    net = torch.compile(model) if args.compile else model
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    net, optimizer, scaler, ctx = train.prepare(targs[methods[0]], model, device, world=1)
     images, tokens = synthetic_batch(model.config, args.batch_size, device)
     times = {m: [] for m in methods}
     for i in range(args.warmup + args.steps):

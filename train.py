@@ -273,6 +273,21 @@ def make_optimizer(args, model):
                              lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
 
 
+def prepare(args, model, device, world):
+    """What a training step needs, shared with bench.py -> (net: the model to call, possibly in DDP and/or
+    torch.compile; AdamW; GradScaler, active for fp16 only; the autocast context, or none for fp32)."""
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
+        model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    optimizer = make_optimizer(args, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and args.accum_steps == 1 else model
+    net = torch.compile(net) if args.compile else net
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    return net, optimizer, scaler, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
 def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     """Exact gradient caching (Gao et al., 2021) over K = --accum-steps micro-batches of this rank's batch:
     1. encode every micro-batch without autograd: the features of the whole batch;
@@ -340,20 +355,11 @@ def train(args, rank, world, device):
     dataset = open_data(args, rank, world)
     model, tokenizer = build_model(args, device)
     resolution = model.config.image_resolution
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
-        model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-    optimizer = make_optimizer(args, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    net, optimizer, scaler, ctx = prepare(args, model, device, world)
     start, last_good = resume(args, run_dir, model, optimizer, scaler)
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
     zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
-    # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and args.accum_steps == 1 else model
-    net = torch.compile(net) if args.compile else net
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
