@@ -242,12 +242,9 @@ def load_eval_sets(args, tokenizer, resolution, world):
         zeroshot_set = (tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size))
     if args.val_data:
         rows = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        samples, skipped = [], collections.Counter()
-        for i in range(len(rows)):
-            try:
-                samples.append(data.load_sample(rows[i], lambda im: data.preprocess(im, resolution)))
-            except ValueError as e:
-                skipped[str(e)] += 1
+        items = [zeroshot.Samples(rows, resolution)[i] for i in range(len(rows))]  # (image, caption, {}, why unusable)
+        samples = [(image, caption) for image, caption, _, why in items if why is None]
+        skipped = collections.Counter(why for *_, why in items if why is not None)
         if skipped:
             print(f"--val-data: skipped {dict(skipped)}")
         if len(samples) < args.batch_size * world:
