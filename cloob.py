@@ -6,9 +6,11 @@ CLOOB (Fürst et al. 2021): retrieve both modalities from modern Hopfield networ
        then apply InfoLOOB (InfoNCE with the positive left out of the denominator) to the retrievals.
 """
 import functools
+import glob
 import gzip
 import hashlib
 import html
+import json
 import math
 import os
 import unicodedata
@@ -16,7 +18,7 @@ import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -33,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class ModelConfig:
     """Field names are the arguments of OpenAI's `CLIP(...)`. An int `vision_layers` is a ViT, a 4-tuple a
-    ModifiedResNet. Heads: ViT width/64, ResNet width*32/64 (as OpenAI). The end-of-text id is vocab_size-1."""
+    ModifiedResNet. The end-of-text id is vocab_size-1."""
     embed_dim: int = 512
     image_resolution: int = 224
     vision_layers: Union[int, Tuple[int, int, int, int]] = 12
@@ -45,6 +47,7 @@ class ModelConfig:
     transformer_heads: int = 8
     transformer_layers: int = 12
     quick_gelu: bool = True  # x * sigmoid(1.702 x), as every OpenAI and CLOOB checkpoint; False: exact GELU
+    vision_heads: Optional[int] = None  # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
 
 
 def _preset(embed, res, layers, width, patch, text_width, text_heads=None, **kw):
@@ -52,7 +55,8 @@ def _preset(embed, res, layers, width, patch, text_width, text_heads=None, **kw)
                        transformer_heads=text_heads or text_width // 64, **kw)
 
 
-CONFIGS = {  # OpenAI's published shapes, and two tiny ones for CPU work (byte tokenizer: 256 + start + end)
+CONFIGS = {  # OpenAI's published shapes; two tiny ones for CPU work (byte tokenizer: 256 + start + end; exact GELU, which
+    # is cheaper than QuickGELU on a CPU)
     "RN50": _preset(1024, 224, (3, 4, 6, 3), 64, None, 512),
     "RN101": _preset(512, 224, (3, 4, 23, 3), 64, None, 512),
     "RN50x4": _preset(640, 288, (4, 6, 10, 6), 80, None, 640),
@@ -60,9 +64,10 @@ CONFIGS = {  # OpenAI's published shapes, and two tiny ones for CPU work (byte t
     "ViT-B-32": _preset(512, 224, 12, 768, 32, 512),
     "ViT-B-16": _preset(512, 224, 12, 768, 16, 512),
     "ViT-L-14": _preset(768, 224, 24, 1024, 14, 768),
-    "tiny-vit": _preset(64, 32, 3, 128, 8, 64, 2, context_length=48, vocab_size=258, transformer_layers=3),
+    "tiny-vit": _preset(64, 32, 3, 128, 8, 64, 2, context_length=48, vocab_size=258, transformer_layers=2,
+                        quick_gelu=False),
     "tiny-rn": _preset(64, 64, (1, 1, 1, 1), 16, None, 128, 2, context_length=48, vocab_size=258,
-                       transformer_layers=3),
+                       transformer_layers=3, quick_gelu=False),
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,7 +147,10 @@ class Tokenizer:
                                         r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
         else:
             import tiktoken
-            self.enc = tiktoken.get_encoding(encoding)
+            try:
+                self.enc = tiktoken.get_encoding(encoding)
+            except Exception as e:  # an unknown name, or its file cannot be downloaded
+                raise ValueError(f"tokenizer {encoding!r}: {str(e).strip().splitlines()[0][:200]}") from None
             n = self.enc.n_vocab
         self.sot, self.eot, self.vocab_size = n, n + 1, n + 2
 
@@ -321,10 +329,11 @@ class CLIP(nn.Module):
         super().__init__()
         c = self.config = config
         if isinstance(c.vision_layers, (tuple, list)):
-            self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, c.vision_width * 32 // 64, c.image_resolution, c.vision_width)
+            heads = c.vision_heads or c.vision_width * 32 // 64
+            self.visual = ModifiedResNet(c.vision_layers, c.embed_dim, heads, c.image_resolution, c.vision_width)
         else:
             self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width, c.vision_layers,
-                                            c.vision_width // 64, c.embed_dim, c.quick_gelu)
+                                            c.vision_heads or c.vision_width // 64, c.embed_dim, c.quick_gelu)
         self.transformer = Transformer(c.transformer_width, c.transformer_layers, c.transformer_heads, c.quick_gelu)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
@@ -369,8 +378,8 @@ class CLIP(nn.Module):
     def encode_image(self, images):  # [B, 3, R, R] -> [B, embed_dim], not normalised
         return self.visual(images)
 
-    def encode_text(self, tokens):  # [B, L] -> [B, embed_dim], not normalised
-        x = self.token_embedding(tokens) + self.positional_embedding  # [B, L, width]
+    def encode_text(self, tokens):  # [B, L] -> [B, embed_dim], not normalised; L <= context_length
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # [B, L, width]
         x = self.ln_final(self.transformer(x, causal=True))
         eot = (tokens == self.config.vocab_size - 1).int().argmax(dim=-1)  # first end token of each row
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
@@ -479,8 +488,8 @@ def clip_loss(image_features, text_features, logit_scale):
 # Checkpoints: ours, OpenAI's TorchScript archives, OpenAI-layout state dicts (OpenCLIP), official CLOOB
 
 
-def infer_config(sd, text_heads=None):
-    """ModelConfig from OpenAI-layout tensor shapes (as OpenAI's build_model; heads are not in the shapes)."""
+def infer_config(sd):
+    """ModelConfig from OpenAI-layout tensor shapes, as OpenAI's build_model (heads are not in the shapes: 64 wide)."""
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # blocks
     if "visual.proj" in sd:
         width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
@@ -495,8 +504,7 @@ def infer_config(sd, text_heads=None):
     width = sd["ln_final.weight"].shape[0]
     return ModelConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
                        vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
-                       transformer_heads=text_heads or width // 64,
-                       transformer_layers=count("transformer.resblocks."), **vision)
+                       transformer_heads=width // 64, transformer_layers=count("transformer.resblocks."), **vision)
 
 
 def _jit_text_heads(jit):
@@ -505,62 +513,189 @@ def _jit_text_heads(jit):
         for node in getattr(jit.transformer.resblocks, "0").attn.graph.nodes():
             if node.kind() in ("aten::div", "aten::floor_divide", "aten::floordiv") and \
                     node.output().debugName().startswith("head_dim"):
-                return int(node.inputsAt(1).toIValue())
-    except Exception:  # an archive traced differently: fall back to OpenAI's width // 64
+                return dict(transformer_heads=int(node.inputsAt(1).toIValue()))
+    except Exception:  # an archive traced differently: OpenAI's width // 64
         pass
-    return None
+    return {}
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file without the package: an 8-byte little-endian header length, a JSON header
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}} (offsets into the data after it), then the data."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    header.pop("__metadata__", None)
+    return {name: data[t["data_offsets"][0]:t["data_offsets"][1]].clone().view(SAFETENSORS_DTYPES[t["dtype"]]).view(t["shape"])
+            for name, t in header.items()}
+
+
+def _load_weights(path):
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a checkpoint torch can read ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+# OpenCLIP options this model implements at one value only (absent means OpenCLIP's default, which is that value)
+OPENCLIP_FIXED = {"mlp_ratio": (4, 4.0), "ls_init_value": (None,), "pool_type": ("tok", "argmax"), "no_ln_pre": (False,),
+                  "attentional_pool": (False,), "final_ln_after_pool": (False,), "pos_embed_type": ("learnable",),
+                  "proj_bias": (False,), "proj_type": ("linear",), "embed_cls": (False,), "no_causal_mask": (False,),
+                  "timm_model_name": (None,), "hf_model_name": (None,), "hf_tokenizer_name": (None,),
+                  "custom_text": (False,), "init_logit_bias": (None,), "multimodal_cfg": (None,), "act_kwargs": (None,),
+                  "norm_kwargs": (None,), "input_patchnorm": (False,), "global_average_pool": (False,),
+                  "mean": ([0.48145466, 0.4578275, 0.40821073],), "std": ([0.26862954, 0.26130258, 0.27577711],),
+                  "interpolation": ("bicubic",), "resize_mode": ("shortest",)}
+OPENCLIP_READ = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "image_size", "layers", "width", "patch_size",
+                 "head_width", "context_length", "vocab_size", "heads", "patch_dropout", "pad_id", "output_tokens",
+                 "init_logit_scale", "cast_dtype", "output_dict", "fill_color"}  # read, or harmless here
+
+
+def _openclip_architecture(cfg, path):
+    """open_clip_config.json -> ModelConfig fields the weights do not show; ValueError for an option this model does
+    not have."""
+    model_cfg = cfg.get("model_cfg", cfg)
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    for part in (model_cfg, vision, text, cfg.get("preprocess_cfg", {})):
+        for key, value in part.items():
+            if key not in OPENCLIP_READ and value not in OPENCLIP_FIXED.get(key, ()):
+                raise ValueError(f"{path}: OpenCLIP option {key}={value!r} has no equivalent in this model")
+    width = vision.get("width", 768) * (32 if isinstance(vision.get("layers"), list) else 1)  # ResNet: attention pool
+    return dict(quick_gelu=model_cfg.get("quick_gelu", False), vision_heads=width // vision.get("head_width", 64),
+                transformer_heads=text.get("heads", 8))
+
+
+HF_NAMES = [("text_model.embeddings.token_embedding", "token_embedding"), ("text_model.final_layer_norm", "ln_final"),
+            ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+            ("text_model.encoder.layers", "transformer.resblocks"), ("vision_model.encoder.layers", "visual.transformer.resblocks"),
+            ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+            ("vision_model.embeddings.patch_embedding", "visual.conv1"),
+            ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
+            ("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+            ("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+            ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+
+
+def _from_hf(sd, cfg, path):
+    """A Hugging Face CLIPModel (config.json + weights) -> (OpenAI-layout state dict, ModelConfig fields from the
+    config): q/k/v projections concatenated into in_proj, nn.Linear projection heads transposed."""
+    text, vision = cfg.get("text_config", {}), cfg.get("vision_config", {})
+    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    if cfg.get("model_type") != "clip" or len(acts) > 1 or not acts <= {"gelu", "quick_gelu"} or \
+            {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)} != {1e-5} or \
+            text.get("eos_token_id", 2) not in (2, text.get("vocab_size", 49408) - 1):
+        raise ValueError(f"{path}: a Hugging Face {cfg.get('model_type')} model with options this model does not have "
+                         f"(activations {sorted(acts)}, layer-norm eps, end-of-text id)")
+    out = {}
+    for name, tensor in sd.items():
+        for theirs, ours in HF_NAMES:
+            name = name.replace(theirs, ours)
+        out[name] = tensor
+    for name in [n for n in out if ".self_attn.q_proj." in n]:
+        qkv = [out.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        out[name.replace("self_attn.q_proj.", "attn.in_proj_")] = torch.cat(qkv)
+    out["text_projection"] = out.pop("text_projection.weight").T
+    out["visual.proj"] = out.pop("visual_projection.weight").T
+    out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
+    return out, dict(quick_gelu=acts == {"quick_gelu"}, transformer_heads=text.get("num_attention_heads", 8),
+                     vision_heads=vision.get("num_attention_heads", 12))
+
+
+def _model_files(path):
+    """-> (config file, weights file) when `path` is an OpenCLIP hub or Hugging Face folder, or a weights file in one
+    (weights in their loaders' order of preference); else (None, None)."""
+    folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    for config, weights in (("open_clip_config.json", ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+                            ("config.json", ("model.safetensors", "pytorch_model.bin"))):
+        found = [w for w in weights if os.path.isfile(os.path.join(folder, w)) and name in (None, w)]
+        if os.path.isfile(os.path.join(folder, config)) and found:
+            return os.path.join(folder, config), os.path.join(folder, found[0])
+    return None, None
+
+
+def checkpoints(run_dir):
+    """A train.py run directory's checkpoints, oldest first."""
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
 
 
 def _read(path):
-    """-> (state_dict, info) of any supported checkpoint file, keys in OpenAI's layout."""
+    """-> (state dict with OpenAI's names, info) of any supported checkpoint file or folder. info: format, method,
+    tokenizer, and "config" (ours) or "arch" (ModelConfig fields known beyond the tensor shapes)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    config_file, weights = _model_files(path)
+    if os.path.isdir(path):
+        if not weights and not checkpoints(path):
+            raise ValueError(f"{path}: a folder without an OpenCLIP or Hugging Face model or train.py checkpoints")
+        path = weights or checkpoints(path)[-1]
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
             warnings.simplefilter("ignore", DeprecationWarning)
             jit = torch.jit.load(path, map_location="cpu")
-        sd = {k: v for k, v in jit.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
-        return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip", text_heads=_jit_text_heads(jit))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint torch can read ({str(e).splitlines()[0][:200]})") from None
+            sd = {k: v for k, v in jit.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+            return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip", arch=_jit_text_heads(jit))
+    ckpt = _load_weights(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    if "model" in ckpt and "config" in ckpt:  # ours
+    if "config" in ckpt and ("state_dict" in ckpt or "model" in ckpt):  # ours (weights under "model" before v2)
         info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
-        return ckpt["model"], dict(format="cloob", config=ModelConfig(**ckpt["config"]), **info)
+        return ckpt.get("state_dict", ckpt.get("model")), dict(format="cloob", config=ModelConfig(**ckpt["config"]), **info)
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
     for prefix in ("module.", "_orig_mod."):
         sd = {k.removeprefix(prefix): v for k, v in sd.items()}
-    if "transformer.token_embedding.weight" in sd:  # official CLOOB: text tower under "transformer."
+    if "transformer.token_embedding.weight" in sd:  # official CLOOB (OpenAI's QuickGELU towers): text under "transformer."
         sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
-        info = dict(format="cloob-official", method="cloob", tokenizer="clip", beta=8.0)
+        info = dict(format="cloob-official", method="cloob", tokenizer="clip", beta=8.0, arch={})
         if "logit_scale_hopfield" in sd:
             info["beta"] = sd.pop("logit_scale_hopfield").exp().item()
         sd["logit_scale"] = sd.pop("logit_inv_tau")
         info["inv_tau"] = sd["logit_scale"].exp().item()
         return sd, info
-    return sd, dict(format="openai-state-dict", method="clip", tokenizer="clip")
+    info = dict(method="clip", tokenizer="clip")
+    if config_file and os.path.basename(config_file) == "config.json":
+        with open(config_file) as f:
+            sd, arch = _from_hf(sd, json.load(f), path)
+        return sd, dict(info, format="huggingface", arch=arch)
+    if config_file:
+        with open(config_file) as f:
+            return sd, dict(info, format="openclip-hub", arch=_openclip_architecture(json.load(f), config_file))
+    return sd, dict(info, format="openai-state-dict")
 
 
-def load_model(path, config=None):
-    """Any supported checkpoint -> (CLIP in float32, eval mode, on CPU; info dict with "format", "method",
-    "tokenizer", "config" and, when known, "inv_tau", "beta"). `config` overrides the inferred architecture."""
+def load_model(path, **overrides):
+    """Any supported checkpoint file or folder -> (CLIP in float32, eval mode, on CPU; info dict with "format",
+    "method", "tokenizer", "config" and, when known, "inv_tau", "beta"). Keyword arguments override ModelConfig
+    fields (e.g. quick_gelu=False). A bare state dict records no activation or head width: OpenAI's are assumed
+    (QuickGELU, 64-wide heads) and a warning says so."""
     sd, info = _read(path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"load_model: {sorted(unknown)} are not ModelConfig fields")
     try:
-        config = config or info.get("config") or infer_config(sd, info.pop("text_heads", None))
+        config = replace(info.get("config") or infer_config(sd), **info.pop("arch", {}), **overrides)
     except KeyError as e:
         raise ValueError(f"{path}: not a CLIP/CLOOB state dict (no {e}); first keys: {list(sd)[:5]}") from None
-    info.pop("text_heads", None)
+    if info["format"] == "openai-state-dict" and "quick_gelu" not in overrides:
+        warnings.warn(f"{path} does not record its architecture: assuming OpenAI's QuickGELU and 64-wide heads. An "
+                      f"OpenCLIP model not named -quickgelu uses GELU: load it with quick_gelu=False (--gelu)", stacklevel=2)
     model = CLIP(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the architecture; missing {missing[:3]}, "
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the architecture; shapes {wrong[:2]}, missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    model.load_state_dict(sd)
     return model.eval(), dict(info, config=config)
 
 
@@ -572,9 +707,10 @@ def unwrap(model):
 
 
 def save_checkpoint(path, model, tokenizer, method, inv_tau=None, beta=None, **state):
-    """Write our checkpoint atomically (temp file + rename): a plain dict readable with weights_only=True."""
+    """Write our checkpoint atomically (temp file + rename): a plain dict readable with weights_only=True, the weights
+    under "state_dict" as OpenCLIP's loader expects them (open_clip.create_model(..., pretrained=path) reads it)."""
     model = unwrap(model)
-    ckpt = dict(model=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer, method=method,
+    ckpt = dict(state_dict=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer, method=method,
                 inv_tau=inv_tau, beta=beta, **state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")

@@ -1,5 +1,5 @@
-"""Data: CLIP's image preprocessing in PIL + numpy; datasets (built-in synthetic captions, CSV/TSV, webdataset-style
-tar shards, image folders); loaders for DDP whose global batch does not depend on the number of ranks or workers."""
+"""Data: CLIP's image preprocessing in PIL + numpy; datasets (built-in synthetic captions, CSV/TSV, webdataset-style tar
+shards, image folders); loaders for DDP whose global batch does not depend on the number of ranks or workers."""
 import collections
 import csv
 import io
@@ -7,25 +7,33 @@ import math
 import os
 import re
 import tarfile
+import zlib
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)  # CLIP's RGB normalisation
 STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def to_tensor(image):
-    """RGB PIL image [R, R] -> normalised float tensor [3, R, R]."""
-    arr = (np.asarray(image, dtype=np.float32) / 255.0 - MEAN) / STD  # [R, R, 3]
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+def to_tensor(pixels):
+    """RGB pixels [..., R, R, 3] in 0..255 (an array or a PIL image) -> normalised float tensor [..., 3, R, R]."""
+    x = (torch.from_numpy(np.asarray(pixels, dtype=np.float32)) / 255 - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
+    return x.movedim(-1, -3).contiguous()
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. 16-bit greyscale is scaled to 8 bits first (PIL's convert would clip it to white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 def preprocess(image, resolution):
     """CLIP's evaluation transform: RGB, shorter side to `resolution` (bicubic), centre crop, normalise."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     if min(w, h) != resolution:  # as torchvision's Resize(int): the longer side is rounded down
         w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
@@ -37,7 +45,7 @@ def preprocess(image, resolution):
 def random_resized_crop(image, resolution, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
     """CLIP's training transform (torchvision's RandomResizedCrop): a random area fraction and aspect ratio,
     resized bicubic to [3, R, R]. `rng` is a numpy Generator, so the crop is a function of its seed."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     for _ in range(10):
         area = w * h * rng.uniform(*scale)
@@ -54,7 +62,13 @@ def random_resized_crop(image, resolution, rng, scale=(0.9, 1.0), ratio=(3 / 4, 
 # ---------------------------------------------------------------------------------------------------- synthetic
 
 
-SHAPES = ("circle", "square", "triangle", "cross")
+INSIDE = {  # which points (dx, dy) from the centre lie inside each shape of radius r (y grows downwards)
+    "circle": lambda dx, dy, r: dx ** 2 + dy ** 2 <= r ** 2,
+    "square": lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) <= 0.9 * r,
+    "triangle": lambda dx, dy, r: (dy <= 0.6 * r) & (abs(dx) <= (dy + 1.2 * r) * (1.04 / 1.8)),  # equilateral, upright
+    "cross": lambda dx, dy, r: (np.minimum(abs(dx), abs(dy)) <= r / 3) & (np.maximum(abs(dx), abs(dy)) <= r),
+}
+SHAPES = tuple(INSIDE)
 COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225), "yellow": (235, 215, 30),
            "purple": (145, 50, 185)}
 SIZES = {"small": 0.26, "large": 0.34}  # radius as a fraction of the image side
@@ -62,9 +76,13 @@ POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom
 CAPTIONS = ("a {size} {colour} {shape} {where}.", "{colour} {shape}, {size}, {where}", "the {shape} {where} is {colour}",
             "there is a {size} {shape} coloured {colour}", "{where}: one {colour} {shape}")
 WHERE = ("on the {}", "at the {}", "in the {}")
-# zero-shot prompts use words no training caption has ("picture", "drawing", "object")
-ZEROSHOT_TASKS = {"shape": (SHAPES, ("a picture of a {}.", "a drawing of a {}.")),
-                  "colour": (tuple(COLOURS), ("a picture of a {} object.", "a drawing of something {}."))}
+# zero-shot prompts use words no training caption has ("picture", "drawing", "image", "photo", "object", ...); five
+# of them per task (prompt ensembling, as CLIP's) make the accuracy depend less on how one prompt happens to read
+ZEROSHOT_TASKS = {"shape": (SHAPES, ("a picture of a {}.", "a drawing of a {}.", "an image with a {} in it.",
+                                     "a {} drawn in a picture.", "a photo of one {}.")),
+                  "colour": (tuple(COLOURS), ("a picture of a {} object.", "a drawing of something {}.",
+                                              "an image of something {}.", "a {} thing in a picture.",
+                                              "a photo of a {} object."))}
 
 
 def is_heldout(shape, colour, position):
@@ -74,8 +92,9 @@ def is_heldout(shape, colour, position):
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Captioned images drawn with PIL, deterministic per index. split="train": the 80 seen shape/colour/position
-    triples; split="heldout": the 20 unseen ones. Items: (PIL image, caption, {"shape": i, "colour": j})."""
+    """Captioned images of coloured shapes, rendered a batch at a time with array operations, deterministic per
+    index. split="train": the 80 seen shape/colour/position triples; split="heldout": the 20 unseen ones.
+    Indexed by a list of (step, index) keys, as data.GlobalBatches makes them: -> (images, captions, skipped)."""
 
     def __init__(self, size, resolution=32, split="train", seed=0):
         self.size, self.resolution, self.heldout, self.seed = size, resolution, split == "heldout", seed
@@ -84,33 +103,40 @@ class Synthetic(torch.utils.data.Dataset):
     def __len__(self):
         return self.size
 
-    def __getitem__(self, idx):
-        rng = np.random.default_rng([self.seed, idx, self.heldout])
-        shape, colour, position = self.triples[rng.integers(len(self.triples))]
-        size = list(SIZES)[rng.integers(len(SIZES))]
-        S = 2 * self.resolution  # drawn at 2x, then downsampled: smooth edges
-        # background: a grey gradient in a random direction, with pixel noise (flat backgrounds make all images
-        # look alike to a new model, and CLOOB's Hopfield retrieval then stalls at the start)
-        ramp = np.linspace(-1, 1, S)
-        t = np.cos(rng.uniform(0, 2 * np.pi)) * ramp[None, :] + np.sin(rng.uniform(0, 2 * np.pi)) * ramp[:, None]  # [S, S]
-        grey = rng.uniform(60, 200) + rng.uniform(-50, 50) * t[..., None] + rng.normal(0, 12, (S, S, 3))  # [S, S, 3]
-        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
-        cx, cy = (S * (p + rng.uniform(-0.04, 0.04)) for p in POSITIONS[position])
-        r = S * SIZES[size] * rng.uniform(0.95, 1.05)
-        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, 3), 0, 255))
-        draw = ImageDraw.Draw(image)
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif shape == "square":
-            draw.rectangle([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=fill)
-        elif shape == "triangle":  # upright, equilateral
-            draw.polygon([(cx, cy - 1.2 * r), (cx - 1.04 * r, cy + 0.6 * r), (cx + 1.04 * r, cy + 0.6 * r)], fill=fill)
-        else:  # cross: two bars
-            draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=fill)
-            draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=fill)
-        caption = self.caption(rng, shape, colour, size, position)
-        labels = {"shape": SHAPES.index(shape), "colour": list(COLOURS).index(colour)}
-        return image.resize((self.resolution, self.resolution), Image.BICUBIC), caption, labels
+    def __getitem__(self, keys):
+        pixels, captions, _ = self.render([idx for _, idx in keys])
+        return to_tensor(pixels), captions, collections.Counter()
+
+    def render(self, indices):
+        """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""
+        R, n = self.resolution, len(indices)
+        rngs = [np.random.default_rng([self.seed, idx, self.heldout]) for idx in indices]
+        u = np.stack([rng.random(10, dtype=np.float32) for rng in rngs])  # [n, 10]: all but noise and caption
+        shape, colour, position = zip(*(self.triples[int(t * len(self.triples))] for t in u[:, 0]))
+        size = [list(SIZES)[int(t * len(SIZES))] for t in u[:, 1]]
+        centre = np.array([POSITIONS[p] for p in position], np.float32) + 0.08 * (u[:, 2:4] - 0.5)  # [n, 2] (x, y)
+        radius = np.array([SIZES[s] for s in size], np.float32) * (0.95 + 0.1 * u[:, 4])  # [n]
+        fill = np.array([COLOURS[c] for c in colour], np.float32) + 40 * (u[:, 5:8] - 0.5)  # [n, 3]
+        # background: a grey gradient in a random direction with pixel noise (flat backgrounds make all images look
+        # alike to a new model, and CLOOB's Hopfield retrieval then stalls at the start)
+        ramp = np.linspace(-1, 1, R, dtype=np.float32)
+        angle = 2 * np.pi * u[:, 8, None, None]
+        slope = np.cos(angle) * ramp[None, None, :] + np.sin(angle) * ramp[None, :, None]  # [n, R, R]
+        noise = np.stack([rng.random((R, R, 3), dtype=np.float32) for rng in rngs])  # [n, R, R, 3]
+        background = (40 + 140 * u[:, 9, None, None] + 50 * slope)[..., None] + 40 * noise  # [n, R, R, 3]
+        # the shape's coverage of each pixel, from 2 x 2 sub-pixel samples (smooth edges)
+        grid = (np.arange(2 * R, dtype=np.float32) + 0.5) / (2 * R)
+        inside = np.zeros((n, 2 * R, 2 * R), np.float32)
+        for name, test in INSIDE.items():
+            rows = [i for i, s in enumerate(shape) if s == name]
+            dx = grid[None, None, :] - centre[rows, 0, None, None]  # [rows, 1, 2R]
+            dy = grid[None, :, None] - centre[rows, 1, None, None]  # [rows, 2R, 1]
+            inside[rows] = test(dx, dy, radius[rows, None, None])
+        alpha = (inside[:, ::2, ::2] + inside[:, 1::2, ::2] + inside[:, ::2, 1::2] + inside[:, 1::2, 1::2])[..., None] / 4
+        pixels = background + alpha * (fill[:, None, None, :] - background)  # [n, R, R, 3]
+        captions = [self.caption(rng, *args) for rng, *args in zip(rngs, shape, colour, size, position)]
+        labels = {"shape": np.array([SHAPES.index(s) for s in shape]), "colour": np.array([list(COLOURS).index(c) for c in colour])}
+        return np.clip(pixels, 0, 255, out=pixels), captions, labels
 
     @staticmethod
     def caption(rng, shape, colour, size, position):
@@ -126,19 +152,25 @@ class Synthetic(torch.utils.data.Dataset):
 
 
 class CsvCaptions(torch.utils.data.Dataset):
-    """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (image path, caption, {})."""
+    """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (image path, caption, {});
+    a row without the field gives None there (the sample is skipped and counted)."""
 
     def __init__(self, path, img_key="filepath", caption_key="title", separator=None):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"training data not found: {path}")
-        separator = separator or ("\t" if path.endswith(".tsv") else ",")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: no column {missing[0]!r} (columns: {reader.fieldnames}); "
-                                 f"set --csv-img-key / --csv-caption-key / --csv-separator")
-            self.rows = [(row[img_key], row[caption_key]) for row in reader]
+            raise FileNotFoundError(f"data file not found: {path}")
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8-sig")  # a byte-order mark, as spreadsheet programs write, is dropped
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator or ("\t" if path.endswith(".tsv") else ","))
+        missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]!r} (columns: {reader.fieldnames}); "
+                             f"set --csv-img-key / --csv-caption-key / --csv-separator")
+        self.rows = [(row[img_key], row[caption_key]) for row in reader]
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")
         self.root = os.path.dirname(os.path.abspath(path))
@@ -148,7 +180,34 @@ class CsvCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         path, caption = self.rows[idx]
-        return os.path.join(self.root, path), caption, {}
+        return path and os.path.join(self.root, path), caption, {}
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """One sub-folder per class (sorted), images found at any depth below it. Items: (path, class folder name,
+    {"label": class index}). A class folder without images stays a candidate label and is reported."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.items = [(path, i) for i, c in enumerate(self.classes) for path in find_images(os.path.join(root, c))]
+        if not self.items:
+            raise ValueError(f"{root}: no images in class sub-folders")
+        empty = sorted(set(self.classes) - {self.classes[i] for _, i in self.items})
+        if empty:
+            print(f"{root}: {len(empty)} class folders without images (still candidate labels): {', '.join(empty[:10])}")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, idx):
+        path, label = self.items[idx]
+        return path, self.classes[label], {"label": label}
+
+
+def find_images(folder):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTS))
 
 
 def open_image(path_or_file):
@@ -156,6 +215,82 @@ def open_image(path_or_file):
     image = Image.open(path_or_file)
     image.load()
     return image
+
+
+def load_sample(item, transform):
+    """(image tensor, caption) from an item (path or file; caption; labels), or ValueError naming why it is
+    unusable."""
+    image, caption, _ = item
+    if image is None:
+        raise ValueError("missing image")
+    if caption is None:
+        raise ValueError("missing caption")
+    if not caption.strip():
+        raise ValueError("empty caption")
+    try:
+        image = open_image(image)
+    except FileNotFoundError:
+        raise ValueError("missing image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ValueError("corrupt image") from None
+    return transform(image), caption
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """A file dataset's training batches, indexed by a list of (step, index) keys: the crop of a sample is seeded
+    by (seed, step, index), so its augmentation does not depend on which rank or worker loads it. An unusable
+    item is replaced by the next usable index (deterministically) and counted. -> (images, captions, skipped)."""
+
+    def __init__(self, dataset, resolution, seed=0):
+        self.dataset, self.resolution, self.seed = dataset, resolution, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, keys):
+        images, captions, skipped = [], [], collections.Counter()
+        for step, idx in keys:
+            for tries in range(100):
+                i = (idx + tries) % len(self.dataset)
+                rng = np.random.default_rng([self.seed, step, i])
+                try:
+                    image, caption = load_sample(self.dataset[i], lambda im: random_resized_crop(im, self.resolution, rng))
+                    break
+                except ValueError as e:
+                    skipped[str(e)] += 1
+            else:
+                raise ValueError(f"100 unusable samples in a row from index {idx} ({dict(skipped)}): check the dataset")
+            images.append(image)
+            captions.append(caption)
+        return torch.stack(images), captions, skipped
+
+
+def steps_per_epoch(num_samples, global_batch):
+    if num_samples < global_batch:
+        raise ValueError(f"{num_samples} samples are fewer than one global batch of {global_batch}")
+    return num_samples // global_batch
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """This rank's slice of each global batch, as a list of (step, index) keys. Epoch e is a permutation seeded by
+    (seed, e), cut into global batches of world*batch_size; rank r takes rows [r*batch_size, (r+1)*batch_size).
+    Infinite, from step `start`."""
+
+    def __init__(self, num_samples, batch_size, rank=0, world=1, seed=0, start=0):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = num_samples, batch_size, rank, world, seed, start
+        self.steps_per_epoch = steps_per_epoch(num_samples, batch_size * world)
+
+    def __iter__(self):
+        step, perm = self.start, None
+        while True:
+            epoch, b = divmod(step, self.steps_per_epoch)
+            if b == 0 or perm is None:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            first = (b * self.world + self.rank) * self.batch_size
+            yield [(step, int(i)) for i in perm[first:first + self.batch_size]]
+            step += 1
+
+# ---------------------------------------------------------------------------------------------------- tar shards
 
 
 def expand_braces(pattern):
@@ -169,8 +304,10 @@ def expand_braces(pattern):
 
 
 def tar_samples(path):
-    """(key, image file bytes, caption) of each sample of a webdataset-style shard: members KEY.jpg|png|webp
-    and KEY.txt, adjacent. A sample missing its image or caption yields None in that place."""
+    """(image file bytes, caption) of each sample of a webdataset-style shard: members KEY.jpg|png|webp and KEY.txt,
+    adjacent. A sample missing its image or caption has None in that place. Raises tarfile.TarError (or EOFError,
+    zlib.error) where the shard is damaged: truncated (tarfile itself takes a cut at a member boundary for the end),
+    not a tar, empty."""
     group, key = {}, None
     with tarfile.open(path, "r|*") as tar:
         for member in tar:
@@ -178,95 +315,36 @@ def tar_samples(path):
                 continue
             stem, ext = os.path.splitext(member.name)
             if stem != key and group:
-                yield key, group.get("image"), group.get("txt")
+                yield group.get("image"), group.get("txt")
                 group = {}
             key, ext = stem, ext.lower()
             if ext in IMAGE_EXTS or ext == ".txt":
                 group["image" if ext != ".txt" else "txt"] = tar.extractfile(member).read()
-    if group:
-        yield key, group.get("image"), group.get("txt")
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-def load_sample(item, transform):
-    """(image tensor, caption) from an item (PIL image, path or file; caption; labels), or ValueError naming
-    why it is unusable."""
-    image, caption, _ = item
-    if image is None:
-        raise ValueError("missing image")
-    try:
-        image = image if isinstance(image, Image.Image) else open_image(image)
-    except FileNotFoundError:
-        raise ValueError("missing image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise ValueError("corrupt image") from None
-    if not caption or not caption.strip():
-        raise ValueError("empty caption")
-    return transform(image), caption
+        if group:
+            yield group.get("image"), group.get("txt")
+        if path.endswith(".tar") and os.path.getsize(path) < tar.offset + 1024:  # no end-of-archive blocks: cut short
+            raise tarfile.ReadError(f"unexpected end of data in {path}")
 
 
-class TrainSet(torch.utils.data.Dataset):
-    """Map-style training samples keyed by (step, index): the crop is seeded by (seed, step, index), so a
-    sample's augmentation does not depend on which rank or worker loads it. An unusable item is replaced by
-    the next usable index (deterministically) and counted."""
-
-    def __init__(self, dataset, resolution, seed=0):
-        self.dataset, self.resolution, self.seed = dataset, resolution, seed
-
-    def __getitem__(self, key):
-        step, idx = key
-        skipped = collections.Counter()
-        for tries in range(100):
-            i = (idx + tries) % len(self.dataset)
-            rng = np.random.default_rng([self.seed, step, i])
-            try:
-                image, caption = load_sample(self.dataset[i], lambda im: random_resized_crop(im, self.resolution, rng))
-                return image, caption, skipped
-            except ValueError as e:
-                skipped[str(e)] += 1
-        raise ValueError(f"100 unusable samples in a row from index {idx} ({dict(skipped)}): check the dataset")
-
-
-def collate(samples):
-    """[(image, caption, skipped)] -> (images [B, 3, R, R], captions, skipped counts of the batch)."""
-    images, captions, skipped = zip(*samples)
-    return torch.stack(images), list(captions), sum(skipped, collections.Counter())
-
-
-class GlobalBatches(torch.utils.data.Sampler):
-    """This rank's slice of each global batch. Epoch e is a permutation seeded by (seed, e), cut into global
-    batches of world*batch_size; rank r takes rows [r*batch_size, (r+1)*batch_size). Infinite, from `start`."""
-
-    def __init__(self, num_samples, batch_size, rank=0, world=1, seed=0, start=0):
-        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = num_samples, batch_size, rank, world, seed, start
-        self.steps_per_epoch = num_samples // (batch_size * world)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples are fewer than one global batch of {batch_size * world}")
-
-    def __iter__(self):
-        step, perm = self.start, None
-        while True:
-            epoch, b = divmod(step, self.steps_per_epoch)
-            if b == 0 or perm is None:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            first = (b * self.world + self.rank) * self.batch_size
-            yield [(step, int(i)) for i in perm[first:first + self.batch_size]]
-            step += 1
+def usable(image, caption):
+    return image is not None and bool(caption and caption.strip())
 
 
 class TarShards(torch.utils.data.IterableDataset):
     """Webdataset-style shards split over ranks and workers without overlap, looped over forever (shard order
-    reshuffled each pass); yields whole batches (images, captions, skipped).
+    reshuffled each pass); yields whole batches (images, captions, skipped). A damaged shard is read up to the
+    damage, then skipped and counted by name.
     DataLoader takes batches from its workers in turn, so step s is made by "slot" s % workers of this rank:
     worker w of a run resumed at `start` plays slot (start + w) % workers and first skips the batches that
     slot made before `start` (counting samples without decoding them: exact unless images are corrupt)."""
 
-    def __init__(self, pattern, batch_size, resolution=224, rank=0, world=1, seed=0, start=0):
+    def __init__(self, pattern, batch_size, resolution=224, rank=0, world=1, seed=0, start=0, workers=1):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
             raise FileNotFoundError(f"training shard not found: {missing[0]} ({len(missing)} of {len(self.shards)} missing)")
+        if len(self.shards) < world * max(1, workers):
+            raise ValueError(f"{len(self.shards)} shards cannot feed {world} ranks x {workers} workers: use fewer --workers")
         self.batch_size, self.resolution, self.rank, self.world, self.seed, self.start = batch_size, resolution, rank, world, seed, start
 
     def __iter__(self):
@@ -274,51 +352,32 @@ class TarShards(torch.utils.data.IterableDataset):
         workers = info.num_workers if info else 1
         slot = (self.start + (info.id if info else 0)) % workers
         shards = self.shards[self.rank * workers + slot::self.world * workers]
-        if not shards:
-            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world} ranks x {workers} workers")
         step, skip = self.start + (slot - self.start) % workers, len(range(slot, self.start, workers)) * self.batch_size
-        images, captions, skipped, usable = [], [], collections.Counter(), 0
+        images, captions, skipped, found = [], [], collections.Counter(), 0
         for epoch in range(10 ** 9):
-            if epoch and not usable:  # a whole pass over the shards without one usable sample: never hang
+            if epoch and not found:  # a whole pass over the shards without one usable sample: never hang
                 raise ValueError(f"no usable sample in {len(shards)} shards ({dict(skipped)})")
-            usable = 0
+            found = 0
             for shard in (shards[i] for i in np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(len(shards))):
-                for key, image, caption in tar_samples(shard):
-                    caption = (caption or b"").decode("utf-8", "replace")
-                    if skip:  # fast-forward
-                        usable += image is not None and bool(caption.strip())
-                        skip -= image is not None and bool(caption.strip())
-                        continue
-                    rng = np.random.default_rng([self.seed, step, len(images), self.rank])
-                    try:
-                        image, caption = load_sample((image and io.BytesIO(image), caption, {}),
-                                                     lambda im: random_resized_crop(im, self.resolution, rng))
-                    except ValueError as e:
-                        skipped[str(e)] += 1
-                        continue
-                    usable += 1
-                    images.append(image)
-                    captions.append(caption)
-                    if len(images) == self.batch_size:
-                        yield torch.stack(images), captions, skipped
-                        images, captions, skipped, step = [], [], collections.Counter(), step + workers
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """One sub-folder per class (sorted). Items: (path, class folder name, {"label": class index})."""
-
-    def __init__(self, root):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder not found: {root}")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.items = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
-        if not self.items:
-            raise ValueError(f"{root}: no images in class sub-folders")
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, idx):
-        path, label = self.items[idx]
-        return path, self.classes[label], {"label": label}
+                try:
+                    for image, caption in tar_samples(shard):
+                        caption = None if caption is None else caption.decode("utf-8", "replace")
+                        if skip:  # fast-forward
+                            found += usable(image, caption)
+                            skip -= usable(image, caption)
+                            continue
+                        rng = np.random.default_rng([self.seed, step, len(images), self.rank])
+                        try:
+                            image, caption = load_sample((image and io.BytesIO(image), caption, {}),
+                                                         lambda im: random_resized_crop(im, self.resolution, rng))
+                        except ValueError as e:
+                            skipped[str(e)] += 1
+                            continue
+                        found += 1
+                        images.append(image)
+                        captions.append(caption)
+                        if len(images) == self.batch_size:
+                            yield torch.stack(images), captions, skipped
+                            images, captions, skipped, step = [], [], collections.Counter(), step + workers
+                except (tarfile.TarError, EOFError, zlib.error):
+                    skipped[f"damaged shard {os.path.basename(shard)}"] += 1

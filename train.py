@@ -1,25 +1,49 @@
-"""Train CLOOB (default) or CLIP.
+"""Train CLOOB (default) or CLIP, or time its training step.
   python train.py                                    # tiny CLOOB on built-in synthetic data, CPU, minutes
   torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
---batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch."""
+  python train.py --bench --model ViT-B-16 --batch-size 256 --compile     # step time, samples/s, memory, MFU
+--batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch.
+SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpoint is saved, the run stops."""
 import argparse
 import collections
+import gc
 import glob
 import json
 import math
 import os
+import resource
+import signal
+import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 import cloob
 import data
 import zeroshot
+
+
+def checked(kind, ok, rule):
+    """An argparse type: a `kind` value for which ok(value) holds, else a usage error saying `rule`."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {rule}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = checked(int, lambda v: v >= 1, ">= 1")
+NATURAL = checked(int, lambda v: v >= 0, ">= 0")
+POSITIVE = checked(float, lambda v: 0 < v < math.inf, "> 0")
+FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def parse_args(argv=None):
@@ -27,49 +51,54 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--method", choices=["cloob", "clip"], default="cloob")
     a("--model", choices=sorted(cloob.CONFIGS), help="preset (default: tiny-vit on synthetic data, else RN50)")
-    a("--pretrained", help="start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, CLOOB, ours)")
+    a("--pretrained", help="start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, HF, CLOOB, ours)")
+    a("--gelu", action="store_true", help="--pretrained is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
     a("--tokenizer", help="clip | bytes | a tiktoken encoding (default: bytes on synthetic data, else clip)")
-    a("--init-inv-tau", type=float, default=30.0, help="CLOOB's inverse temperature (fixed unless --learn-inv-tau)")
+    a("--init-inv-tau", type=POSITIVE, default=30.0, help="CLOOB's inverse temperature (fixed unless --learn-inv-tau)")
     a("--learn-inv-tau", action="store_true")
-    a("--hopfield-beta", type=float, default=8.0)
+    a("--hopfield-beta", type=POSITIVE, default=8.0)
     a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar'")
-    a("--train-num-samples", type=int, help="samples per epoch (needed for tar shards)")
+    a("--train-num-samples", type=COUNT, help="samples per epoch (needed for tar shards)")
     a("--val-data", help="CSV/TSV: validation loss and image<->text recall@1/5")
     a("--csv-img-key", default="filepath")
     a("--csv-caption-key", default="title")
     a("--csv-separator", help="default: tab for .tsv, comma otherwise")
-    a("--workers", type=int, default=2, help="data-loading processes per rank")
+    a("--workers", type=NATURAL, help="data-loading processes per rank (default 0 on synthetic data, else 2)")
     a("--zeroshot-data", help="image folder (one sub-folder per class); default on synthetic data: held-out set")
-    a("--zeroshot-every", type=int, help="steps between zero-shot evaluations (default: at the end)")
-    a("--batch-size", type=int, help="per rank (default 128 synthetic, 64 otherwise: 8 GPUs x 64 = 512)")
-    a("--lr", type=float)
-    a("--wd", type=float, default=0.1)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, help="default 0.98 ViT, 0.999 ResNet")
-    a("--eps", type=float, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
-    a("--warmup", type=int, help="steps (default 20000; 30 on synthetic data)")
+    a("--zeroshot-every", type=COUNT, help="steps between zero-shot evaluations (default: at the end)")
+    a("--batch-size", type=COUNT, help="per rank (default 128 synthetic, 64 otherwise: 8 GPUs x 64 = 512)")
+    a("--lr", type=POSITIVE)
+    a("--wd", type=checked(float, lambda v: 0 <= v < math.inf, ">= 0"), default=0.1)
+    a("--beta1", type=FRACTION, default=0.9)
+    a("--beta2", type=FRACTION, help="default 0.98 ViT, 0.999 ResNet")
+    a("--eps", type=POSITIVE, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
+    a("--warmup", type=NATURAL, help="steps (default 20000; 500 on synthetic data)")
     a("--lr-scheduler", choices=["cosine", "cosine-restarts", "const"])
-    a("--restart-cycles", type=int, default=10)
-    a("--grad-clip-norm", type=float)
-    a("--accum-steps", type=int, default=1, help="split each step's batch into K micro-batches with exact gradient "
+    a("--restart-cycles", type=COUNT, default=10)
+    a("--grad-clip-norm", type=POSITIVE)
+    a("--accum-steps", type=COUNT, default=1, help="split each step's batch into K micro-batches with exact gradient "
       "caching: same gradient as the whole batch (negatives from all of it), activation memory of one micro-batch")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--steps", type=int, help="total optimizer steps (default: from --epochs; 400 on synthetic data)")
-    a("--epochs", type=int, help="default 70 (the official CLOOB run)")
+    a("--steps", type=COUNT, help="total optimizer steps (default: from --epochs; 1000 on synthetic data; 20 timed "
+      "steps with --bench)")
+    a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
     a("--seed", type=int, default=0)
     a("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
     a("--logs-dir", default="logs", help="runs go to LOGS_DIR/NAME (not --logs: torchrun would take it for its --logs-specs)")
     a("--name", help="run name (default: method-model-time)")
-    a("--save-every", type=int, default=1000, help="steps between checkpoints (and one at the end)")
-    a("--resume", help="latest | PATH")
-    a("--log-every", type=int, default=10)
+    a("--save-every", type=COUNT, default=1000, help="steps between checkpoints (and one at the end)")
+    a("--resume", help="latest (the run's newest readable checkpoint; a new run if it has none) | PATH")
+    a("--log-every", type=COUNT, default=10)
+    a("--bench", action="store_true", help="time the training step on random tensors already on the device instead")
+    a("--json", action="store_true", help="--bench: print one JSON object")
     args = p.parse_args(argv)
     synthetic = args.train_data == "synthetic"
-    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=5e-4, warmup=30, lr_scheduler="cosine",
-                    steps=400) if synthetic else \
+    # the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (see README, Train)
+    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=5e-4, warmup=500, lr_scheduler="cosine",
+                    steps=20 if args.bench else 1000, workers=0) if synthetic else \
         dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, lr_scheduler="cosine-restarts",
-             epochs=70)
+             epochs=70, workers=2)
     for k, v in defaults.items():
         if getattr(args, k) is None and not (k == "tokenizer" and args.pretrained):  # else: the checkpoint's
             setattr(args, k, v)
@@ -82,8 +111,8 @@ def parse_args(argv=None):
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not synthetic and not (args.train_data.endswith(".tar") or os.path.splitext(args.train_data)[1] in (".csv", ".tsv")):
         p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar shards")
-    if args.accum_steps < 1 or args.batch_size % args.accum_steps:
-        p.error(f"--accum-steps {args.accum_steps} must be >= 1 and divide --batch-size {args.batch_size}")
+    if args.batch_size % args.accum_steps:
+        p.error(f"--accum-steps {args.accum_steps} must divide --batch-size {args.batch_size}")
     if args.train_data.endswith(".tar") and not args.train_num_samples:
         p.error("tar shards need --train-num-samples (the samples in one epoch)")
     return args
@@ -102,16 +131,17 @@ def get_lr(step, args, total):
 
 
 def build_model(args, device):
-    """-> (model, tokenizer) from a preset or --pretrained, temperature set for the method."""
+    """-> (model, tokenizer) from a preset or --pretrained, temperature set for the method. --bench needs no
+    tokenizer (its tokens are random)."""
     if args.pretrained:
-        model, info = cloob.load_model(args.pretrained)
+        model, info = cloob.load_model(args.pretrained, **(dict(quick_gelu=False) if args.gelu else {}))
         tokenizer = cloob.Tokenizer(args.tokenizer or info["tokenizer"], model.config.context_length)
     else:
         config = cloob.CONFIGS[args.model]
-        tokenizer = cloob.Tokenizer(args.tokenizer, config.context_length)
+        tokenizer = None if args.bench else cloob.Tokenizer(args.tokenizer, config.context_length)
         torch.manual_seed(args.seed)
-        model = cloob.CLIP(replace(config, vocab_size=tokenizer.vocab_size))
-    if tokenizer.vocab_size != model.config.vocab_size:
+        model = cloob.CLIP(replace(config, vocab_size=tokenizer.vocab_size) if tokenizer else config)
+    if tokenizer and tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
     if args.method == "cloob":
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
@@ -123,28 +153,34 @@ def build_model(args, device):
 def open_data(args, rank, world):
     """The training dataset, opened before the model so that a bad path or an empty file fails at once."""
     if args.train_data.endswith(".tar"):
-        return data.TarShards(args.train_data, args.batch_size, rank=rank, world=world, seed=args.seed)
+        return data.TarShards(args.train_data, args.batch_size, rank=rank, world=world, seed=args.seed, workers=args.workers)
     if args.train_data == "synthetic":
-        return data.Synthetic(args.train_num_samples or 100_000, seed=args.seed)
+        return data.Synthetic(args.train_num_samples or 10 ** 6, seed=args.seed)
     return data.CsvCaptions(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
 
 
 def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
-    """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch)."""
-    kw = dict(num_workers=args.workers, collate_fn=partial(_collate_and_tokenize, tokenizer),
-              pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
+    """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
+    the dataset is one batch: tar shards stream them, the others are indexed by data.GlobalBatches."""
+    kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
+              worker_init_fn=_ignore_stop_signals, pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
     dataset.resolution = resolution  # images are made at the model's resolution
     if isinstance(dataset, data.TarShards):
         dataset.start = start
-        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, **kw)), args.train_num_samples // (args.batch_size * world)
+        return iter(torch.utils.data.DataLoader(dataset, **kw)), data.steps_per_epoch(args.train_num_samples, args.batch_size * world)
+    batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
     sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start)
-    loader = torch.utils.data.DataLoader(data.TrainSet(dataset, resolution, args.seed), batch_sampler=sampler, **kw)
-    return iter(loader), sampler.steps_per_epoch
+    return iter(torch.utils.data.DataLoader(batches, sampler=sampler, **kw)), sampler.steps_per_epoch
 
 
-def _collate_and_tokenize(tokenizer, batch):  # in the loader workers; tar shards arrive already batched
-    images, captions, skipped = data.collate(batch) if isinstance(batch, list) else batch
+def _tokenize(tokenizer, batch):  # in the loader workers
+    images, captions, skipped = batch
     return images, tokenizer(captions), skipped
+
+
+def _ignore_stop_signals(worker_id):  # loader workers: the main process handles SIGTERM/SIGUSR1 and ends them
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def setup_distributed():
@@ -157,43 +193,86 @@ def setup_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
-
-def checkpoint_paths(run_dir):
-    return sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step_*.pt")))
+# ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
+def save(args, run_dir, model, tokenizer, optimizer, scaler, step, world):
     path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
     # data randomness is a function of (seed, step, index): torch's generators are the only RNG state
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=cloob.unwrap(model).logit_scale.exp().item(),
-                          beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
+                          beta=args.hopfield_beta if args.method == "cloob" else None, step=step, world_size=world,
                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng, args=vars(args))
-    for old in checkpoint_paths(run_dir)[:-2]:  # keep the newest two
+    for old in cloob.checkpoints(run_dir)[:-2]:  # keep the newest two (the run directory holds only this run)
         os.remove(old)
     return path
 
 
-def resume(args, run_dir, model, optimizer, scaler):
-    """-> (the step to continue from, the checkpoint), (0, None) when not resuming."""
+RESUME_KEYS = ("method", "tokenizer", "global_batch", "seed", "train_data", "train_num_samples", "hopfield_beta",
+               "init_inv_tau", "learn_inv_tau")  # with the model config: what the continuation depends on
+
+
+def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
+    """-> (the step to continue from, the checkpoint), (0, None) for a new run. --resume latest takes the newest
+    checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume."""
+    found = cloob.checkpoints(run_dir)
     if not args.resume:
+        if found:
+            raise ValueError(f"{run_dir} already holds a run's checkpoints: continue it with --resume latest, "
+                             f"or choose another --name")
         return 0, None
-    path = args.resume
-    if path == "latest":
-        found = checkpoint_paths(run_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {run_dir}/checkpoints")
-        path = found[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cloob.unwrap(model).load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"], path
+    if args.resume != "latest" and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
+    for path in reversed(found) if args.resume == "latest" else [args.resume]:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = f"{path} cannot be read ({str(e).strip().splitlines()[0][:120]})"
+            if args.resume != "latest":
+                raise ValueError(f"--resume: {why}") from None
+            print0(rank, f"--resume latest: skipping {why}")
+            continue
+        ours = dict(vars(args), **asdict(model.config), tokenizer=tokenizer.name, global_batch=args.batch_size * world)
+        theirs = dict(ckpt["args"], **ckpt["config"], tokenizer=ckpt["tokenizer"],
+                      global_batch=ckpt["args"]["batch_size"] * ckpt["world_size"])
+        differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS] if theirs.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (an exact continuation "
+                             f"needs the same; start a new run from its weights with --pretrained)")
+        cloob.unwrap(model).load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        print0(rank, f"resuming from {path} (step {ckpt['step']})")
+        return ckpt["step"], path
+    if found:
+        raise ValueError(f"--resume latest: no readable checkpoint in {run_dir}/checkpoints")
+    print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
+    return 0, None
+
+
+def open_run_dir(args, run_dir, start, total, world):
+    """Rank 0: the run directory with this run's config.json; leftovers of a save that was killed removed; after a
+    resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again)."""
+    try:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        for tmp in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")):
+            os.remove(tmp)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics + ".tmp", metrics)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dict(vars(args), world_size=world, total_steps=total), f, indent=1)
+    except OSError as e:
+        raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
+
+# ---------------------------------------------------------------------------------------------------- evaluation
 
 
 def compute_loss(args, model, x, y):
@@ -253,12 +332,19 @@ def load_eval_sets(args, tokenizer, resolution, world):
     return zeroshot_set, val_set
 
 
+def print0(rank, line):
+    if rank == 0:
+        print(line, flush=True)
+
+
 def log(run_dir, rank, event, line=None):
     if rank == 0:
         if line:
             print(line, flush=True)
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
+
+# ---------------------------------------------------------------------------------------------------- the step
 
 
 def make_optimizer(args, model):
@@ -271,8 +357,8 @@ def make_optimizer(args, model):
 
 
 def prepare(args, model, device, world):
-    """What a training step needs, shared with bench.py -> (net: the model to call, possibly in DDP and/or
-    torch.compile; AdamW; GradScaler, active for fp16 only; the autocast context, or none for fp32)."""
+    """What a training step needs -> (net: the model to call, possibly in DDP and/or torch.compile; AdamW;
+    GradScaler, active for fp16 only; the autocast context, or none for fp32)."""
     model.set_grad_checkpointing(args.grad_checkpointing)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
         model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
@@ -346,23 +432,91 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), finite
 
+# ---------------------------------------------------------------------------------------------------- speed
+
+
+# dense bf16/fp16 tensor-core peaks in TFLOP/s, by device-name substring (first match); MFU is left out for fp32
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}
+
+
+def peak_tflops(device, precision):
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+
+def flops_per_sample(config):
+    """Training FLOPs (forward + backward) of both towers for one image-caption pair, counted by torch's
+    FlopCounterMode on the model built on the meta device (no memory, no compute). The loss (O(batch) per
+    sample) and the optimizer are left out, as is usual for MFU."""
+    with torch.device("meta"):
+        model = cloob.CLIP(config)
+        images = torch.zeros(2, 3, config.image_resolution, config.image_resolution)
+        tokens = torch.zeros(2, config.context_length, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        x, y = model(images, tokens)
+        (x.sum() + y.sum()).backward()
+    return counter.get_total_flops() / 2
+
+
+def bench(args, model, device, world):
+    """Time train_step on a random batch already on the device: median of --steps steps after 5 warm-up steps
+    (compilation, allocator, kernel choice). -> a dict, printed as one line or one JSON object."""
+    net, optimizer, scaler, ctx = prepare(args, model, device, world)
+    c, g = model.config, torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, c.image_resolution, c.image_resolution, generator=g).to(device)
+    tokens = torch.randint(0, c.vocab_size - 1, (args.batch_size, c.context_length), generator=g)
+    tokens[:, -1] = c.vocab_size - 1  # the end token, where the text tower pools
+    tokens, times = tokens.to(device), []
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for _ in range(5 + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
+        sync()
+        times.append(time.perf_counter() - t0)
+    step, flops, peak = statistics.median(times[5:]), flops_per_sample(c), peak_tflops(device, args.precision)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+    result = dict(model=args.model, method=args.method, batch_size=args.batch_size, precision=args.precision,
+                  compile=args.compile, accum_steps=args.accum_steps, grad_checkpointing=args.grad_checkpointing,
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                  step_ms=step * 1e3, samples_per_s=args.batch_size / step, flops_per_sample=flops,
+                  peak_memory_gib=memory / 2 ** 30, mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
+    print(json.dumps(result) if args.json else
+          f"{args.method} {args.model}, batch {args.batch_size}, {args.precision} on {result['device']}: "
+          f"{result['step_ms']:.1f} ms/step, {result['samples_per_s']:,.0f} samples/s, {flops / 1e9:.2f} GFLOPs/sample, "
+          f"peak memory {result['peak_memory_gib']:.2f} GiB" + (f", MFU {result['mfu']:.1%}" if peak else ""))
+    return result
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # cluster preemption; SLURM's --signal sends SIGUSR1 ahead of time
+RECEIVED = []  # stop signals this process got
+
 
 def train(args, rank, world, device):
+    """-> 0 when the run finished, 128 + the signal's number when a stop signal ended it early (after a checkpoint)."""
     run_dir = os.path.join(args.logs_dir, args.name)
     dataset = open_data(args, rank, world)
     model, tokenizer = build_model(args, device)
     resolution = model.config.image_resolution
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
-    start, last_good = resume(args, run_dir, model, optimizer, scaler)
+    start, last_good = resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank)
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
+    if start >= total:
+        raise ValueError(f"{run_dir} is already at step {start} of {total}: nothing to train (raise --steps)")
     zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dict(vars(args), world_size=world, total_steps=total), f, indent=1)
-        print(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; run dir {run_dir}")
+        open_run_dir(args, run_dir, start, total, world)
+    print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+                 f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; run dir {run_dir}")
+    # stop signals are agreed on over a CPU group, so that every rank stops after the same step, with no device sync
+    stop_group = dist.new_group(backend="gloo") if world > 1 else None
+    peak = peak_tflops(device, args.precision)
+    flops = flops_per_sample(model.config) if peak else None
     # non-finite losses are counted on the device and read only when logging: no host sync in the loop
     skipped, t0 = collections.Counter(), time.time()
     streak, worst, nonfinite = (torch.zeros((), device=device) for _ in range(3))
@@ -383,39 +537,56 @@ def train(args, rank, world, device):
             rate = (done - start) * args.batch_size * world / (time.time() - t0)
             event = {"step": done, "epoch": done / steps_per_epoch, "loss": stats[0].item() / world, "lr": lr,
                      "inv_temperature": model.logit_scale.exp().item(), "samples_per_s": rate,
+                     "mfu": flops * rate / world / (peak * 1e12) if peak else None,
                      "skipped": int(stats[1].item()), "nonfinite_steps": int(nonfinite.item())}
-            eta = (total - done) * args.batch_size * world / rate
             line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
-                    f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s eta {eta / 60:.1f} min")
+                    f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s" + (f" mfu {event['mfu']:.1%}" if peak else "") +
+                    f" eta {(total - done) * args.batch_size * world / rate / 60:.1f} min")
             log(run_dir, rank, event, line + (f" skipped {dict(skipped)}" if skipped else "") +
                 (f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""))
             if worst.item() >= 5:  # the weights are those before the first of these steps
                 raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step {done}); "
                                          f"last checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
-        if done % args.save_every == 0 or done == total:
+        stop = torch.tensor(float(bool(RECEIVED)))
+        if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
+        if done % args.save_every == 0 or done == total or stop:
             if rank == 0:
-                last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
+                last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
+        if stop and done < total:
+            number = (RECEIVED or [signal.SIGTERM])[0]
+            print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue with "
+                         f"the same command and --resume latest")
+            if world > 1:
+                dist.barrier(group=stop_group)  # every rank exits after rank 0 has saved
+            return 128 + number
         if (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total:
             results = evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
             if results:
                 log(run_dir, rank, {"step": done, **results}, f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    return run_dir
+    print0(rank, f"done: checkpoints and metrics.jsonl in {run_dir}")
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     try:
-        run_dir = train(args, rank, world, device)
-        if rank == 0:
-            print(f"done: checkpoints and metrics.jsonl in {run_dir}")
+        if args.bench:
+            return bench(args, build_model(args, device)[0], device, world)
+        code = train(args, rank, world, device)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ours; from a loader worker: its last line
         print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     finally:
+        gc.collect()  # the DDP wrapper lives in reference cycles: free it while its process group is still alive
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
+    for s in STOP_SIGNALS:  # from here on a stop signal is a request: the loop saves after its step and returns
+        signal.signal(s, lambda number, frame: RECEIVED.append(number))
     main()

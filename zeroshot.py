@@ -8,7 +8,6 @@ TorchScript, OpenCLIP state dict, official CLOOB):
 train.py's periodic zero-shot evaluation calls evaluate() below."""
 import argparse
 import collections
-import glob
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ TEMPLATES = {  # CLIP's 7-template ImageNet ensemble, and its single prompt
 def classifier(model, tokenizer, classnames, templates, device="cpu"):
     """[D, C] weights: for each class, encode every template filled with its name, L2-normalise, average,
     renormalise (CLIP's prompt ensembling)."""
-    tokens = tokenizer([t.format(c) for c in classnames for t in templates]).to(device)
+    tokens = tokenizer([t.replace("{}", c) for c in classnames for t in templates]).to(device)
     features = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(classnames), len(templates), -1)
     return F.normalize(features.mean(dim=1), dim=-1).T
 
@@ -100,14 +99,11 @@ def tensor_batches(images, labels, batch_size=256):
         yield images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, collections.Counter()
 
 
-def synthetic_benchmark(resolution, n=250, seed=0):
+def synthetic_benchmark(resolution, n=500, seed=0):
     """The built-in benchmark: n images of the held-out shape/colour/position triples and its zero-shot tasks.
     -> (tasks, images [n, 3, R, R], labels {task: [n]})."""
-    heldout = data.Synthetic(n, resolution, split="heldout", seed=seed)
-    items = [heldout[i] for i in range(n)]
-    images = torch.stack([data.preprocess(image, resolution) for image, _, _ in items])
-    labels = {name: torch.tensor([item_labels[name] for _, _, item_labels in items]) for name in data.ZEROSHOT_TASKS}
-    return dict(data.ZEROSHOT_TASKS), images, labels
+    pixels, _, labels = data.Synthetic(n, resolution, split="heldout", seed=seed).render(range(n))
+    return dict(data.ZEROSHOT_TASKS), data.to_tensor(pixels), {k: torch.from_numpy(v) for k, v in labels.items()}
 
 
 class Samples(torch.utils.data.Dataset):
@@ -211,16 +207,6 @@ def analyze(image_features, text_features):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def find_checkpoint(path):
-    """A checkpoint file, or a train.py run directory (-> its latest checkpoint)."""
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "step_*.pt")) + glob.glob(os.path.join(path, "step_*.pt")))
-        if not found:
-            raise FileNotFoundError(f"{path} is a directory without checkpoints (expected {path}/checkpoints/step_*.pt)")
-        return found[-1]
-    return path
-
-
 def progress(total):
     """-> a callback taking the number of images just done; prints images/s and ETA on stderr every 10 s."""
     t0 = time.time()
@@ -239,7 +225,8 @@ def progress(total):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", required=True, help="checkpoint file (any format load_model reads) or a train.py run directory")
+    a("--model", required=True, help="any checkpoint file or folder load_model reads, or a train.py run directory")
+    a("--gelu", action="store_true", help="--model is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
     a("--data", help="image folder with one sub-folder per class, or 'synthetic' (the built-in held-out benchmark)")
     a("--image", nargs="+", help="classify these images against --labels")
     a("--labels", help="comma-separated labels for --image")
@@ -265,8 +252,8 @@ def parse_args(argv=None):
 
 
 def load(args):
-    path = find_checkpoint(args.model)
-    model, info = cloob.load_model(path)
+    path = args.model
+    model, info = cloob.load_model(path, **(dict(quick_gelu=False) if args.gelu else {}))
     tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
     print(f"{path}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
           f"{model.config.image_resolution}px", file=sys.stderr)
@@ -276,6 +263,8 @@ def load(args):
 def classify_images(args, model, tokenizer):
     """The classic CLIP demo: softmax over the labels of logit_scale x cosine, per image."""
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if not labels:
+        raise ValueError(f"--labels {args.labels!r} names no label")
     w = classifier(model, tokenizer, labels, read_templates(args.templates) if args.templates else ("{}",), args.device)
     results = {}
     for path in args.image:
