@@ -8,13 +8,11 @@ CLOOB (Fürst et al. 2021): retrieve both modalities from modern Hopfield networ
 import functools
 import glob
 import gzip
-import hashlib
 import html
 import json
 import math
 import os
 import unicodedata
-import urllib.request
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -89,26 +87,20 @@ def _bytes_to_unicode():
 
 
 def _find_bpe(bpe_path=None):
-    """The merges file: explicit path, else $CLOOB_BPE, else the cache, else downloaded once into the cache."""
+    """The merges file: explicit path, else $CLOOB_BPE, else the cache, else downloaded once into the cache
+    (torch.hub's download: checked against the sha256, written to a temp file and renamed)."""
     path = bpe_path or os.environ.get("CLOOB_BPE")
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
-        return path
-    path = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cloob", os.path.basename(BPE_URL))
-    if not os.path.isfile(path):
+    if path and not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
+    cached = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cloob", os.path.basename(BPE_URL))
+    if not path and not os.path.isfile(cached):
         try:
-            data = urllib.request.urlopen(BPE_URL, timeout=30).read()
-        except OSError as e:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(BPE_URL, cached, hash_prefix=BPE_SHA256, progress=False)
+        except (OSError, RuntimeError) as e:
             raise FileNotFoundError(f"CLIP's BPE merges file is not here and cannot be downloaded ({e}); pass "
-                                    f"bpe_path=, set CLOOB_BPE, or put the file at {path}") from None
-        if hashlib.sha256(data).hexdigest() != BPE_SHA256:
-            raise RuntimeError(f"the CLIP BPE merges downloaded from {BPE_URL} have the wrong sha256")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)  # atomic: a half-written file is never found in the cache
-    return path
+                                    f"bpe_path=, set CLOOB_BPE, or put the file at {cached}") from None
+    return path or cached
 
 
 @functools.lru_cache(maxsize=4)
@@ -207,8 +199,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)  # in_proj_weight: CLIP.initialize_parameters
 
     def forward(self, x, causal=False):  # x [B, L, D]
         B, L, D = x.shape
@@ -531,41 +522,36 @@ def read_safetensors(path):
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     header.pop("__metadata__", None)
-    return {name: data[t["data_offsets"][0]:t["data_offsets"][1]].clone().view(SAFETENSORS_DTYPES[t["dtype"]]).view(t["shape"])
+    # each tensor's bytes copied out first: its offset need not be a multiple of its dtype's size
+    return {name: data[slice(*t["data_offsets"])].clone().view(SAFETENSORS_DTYPES[t["dtype"]]).view(t["shape"])
             for name, t in header.items()}
 
 
-def _load_weights(path):
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
+def read_file(path):
+    """A .safetensors file, or anything torch.load reads with weights_only=True; else a one-line ValueError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint torch can read ({str(e).strip().splitlines()[0][:200]})") from None
+        raise ValueError(f"{path} cannot be read ({str(e).strip().splitlines()[0][:200]})") from None
 
 
-# OpenCLIP options this model implements at one value only (absent means OpenCLIP's default, which is that value)
-OPENCLIP_FIXED = {"mlp_ratio": (4, 4.0), "ls_init_value": (None,), "pool_type": ("tok", "argmax"), "no_ln_pre": (False,),
-                  "attentional_pool": (False,), "final_ln_after_pool": (False,), "pos_embed_type": ("learnable",),
-                  "proj_bias": (False,), "proj_type": ("linear",), "embed_cls": (False,), "no_causal_mask": (False,),
-                  "timm_model_name": (None,), "hf_model_name": (None,), "hf_tokenizer_name": (None,),
-                  "custom_text": (False,), "init_logit_bias": (None,), "multimodal_cfg": (None,), "act_kwargs": (None,),
-                  "norm_kwargs": (None,), "input_patchnorm": (False,), "global_average_pool": (False,),
-                  "mean": ([0.48145466, 0.4578275, 0.40821073],), "std": ([0.26862954, 0.26130258, 0.27577711],),
-                  "interpolation": ("bicubic",), "resize_mode": ("shortest",)}
-OPENCLIP_READ = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "image_size", "layers", "width", "patch_size",
-                 "head_width", "context_length", "vocab_size", "heads", "patch_dropout", "pad_id", "output_tokens",
-                 "init_logit_scale", "cast_dtype", "output_dict", "fill_color"}  # read, or harmless here
+# open_clip_config.json: the entries this model reads or that do not change its outputs, and the few that it
+# implements at one value only. Any other entry is an option this model does not have (layer scale, timm or
+# Hugging Face towers, attentional pooling, ...) and is refused: silently ignoring one would give wrong features.
+OPENCLIP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "image_size", "layers", "width", "patch_size",
+                 "head_width", "context_length", "vocab_size", "heads", "patch_dropout", "output_tokens",
+                 "init_logit_scale", "cast_dtype", "fill_color"}
+OPENCLIP_VALUES = {"mlp_ratio": 4, "interpolation": "bicubic", "resize_mode": "shortest",
+                   "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
 
 
 def _openclip_architecture(cfg, path):
-    """open_clip_config.json -> ModelConfig fields the weights do not show; ValueError for an option this model does
-    not have."""
+    """open_clip_config.json -> the ModelConfig fields that the weights' shapes do not show."""
     model_cfg = cfg.get("model_cfg", cfg)
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     for part in (model_cfg, vision, text, cfg.get("preprocess_cfg", {})):
         for key, value in part.items():
-            if key not in OPENCLIP_READ and value not in OPENCLIP_FIXED.get(key, ()):
+            if key not in OPENCLIP_KEYS and not (key in OPENCLIP_VALUES and OPENCLIP_VALUES[key] == value):
                 raise ValueError(f"{path}: OpenCLIP option {key}={value!r} has no equivalent in this model")
     width = vision.get("width", 768) * (32 if isinstance(vision.get("layers"), list) else 1)  # ResNet: attention pool
     return dict(quick_gelu=model_cfg.get("quick_gelu", False), vision_heads=width // vision.get("head_width", 64),
@@ -574,7 +560,8 @@ def _openclip_architecture(cfg, path):
 
 HF_NAMES = [("text_model.embeddings.token_embedding", "token_embedding"), ("text_model.final_layer_norm", "ln_final"),
             ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
-            ("text_model.encoder.layers", "transformer.resblocks"), ("vision_model.encoder.layers", "visual.transformer.resblocks"),
+            ("text_model.encoder.layers", "transformer.resblocks"),
+            ("vision_model.encoder.layers", "visual.transformer.resblocks"),
             ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
             ("vision_model.embeddings.patch_embedding", "visual.conv1"),
             ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
@@ -584,28 +571,25 @@ HF_NAMES = [("text_model.embeddings.token_embedding", "token_embedding"), ("text
 
 
 def _from_hf(sd, cfg, path):
-    """A Hugging Face CLIPModel (config.json + weights) -> (OpenAI-layout state dict, ModelConfig fields from the
-    config): q/k/v projections concatenated into in_proj, nn.Linear projection heads transposed."""
+    """A Hugging Face CLIPModel -> (OpenAI-layout state dict, the ModelConfig fields its config.json gives): names
+    converted, q/k/v projections joined into in_proj, nn.Linear projection heads transposed, position_ids dropped."""
     text, vision = cfg.get("text_config", {}), cfg.get("vision_config", {})
-    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
-    if cfg.get("model_type") != "clip" or len(acts) > 1 or not acts <= {"gelu", "quick_gelu"} or \
-            {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)} != {1e-5} or \
+    act = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    eps = {text.get("layer_norm_eps", 1e-5), vision.get("layer_norm_eps", 1e-5)}
+    # HF pools at the end-of-text id, or (id 2, older configs) at the largest id: both are ours when it is the last
+    if cfg.get("model_type") != "clip" or act not in ({"gelu"}, {"quick_gelu"}) or eps != {1e-5} or \
             text.get("eos_token_id", 2) not in (2, text.get("vocab_size", 49408) - 1):
         raise ValueError(f"{path}: a Hugging Face {cfg.get('model_type')} model with options this model does not have "
-                         f"(activations {sorted(acts)}, layer-norm eps, end-of-text id)")
-    out = {}
-    for name, tensor in sd.items():
-        for theirs, ours in HF_NAMES:
-            name = name.replace(theirs, ours)
-        out[name] = tensor
-    for name in [n for n in out if ".self_attn.q_proj." in n]:
-        qkv = [out.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
-        out[name.replace("self_attn.q_proj.", "attn.in_proj_")] = torch.cat(qkv)
-    out["text_projection"] = out.pop("text_projection.weight").T
-    out["visual.proj"] = out.pop("visual_projection.weight").T
-    out = {k: v for k, v in out.items() if not k.endswith("position_ids")}
-    return out, dict(quick_gelu=acts == {"quick_gelu"}, transformer_heads=text.get("num_attention_heads", 8),
-                     vision_heads=vision.get("num_attention_heads", 12))
+                         f"(activations {sorted(act)}, layer-norm eps {sorted(eps)}, end-of-text id)")
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    for theirs, ours in HF_NAMES:
+        sd = {k.replace(theirs, ours): v for k, v in sd.items()}
+    for q in [k for k in sd if ".self_attn.q_proj." in k]:
+        qkv = [sd.pop(q.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        sd[q.replace("self_attn.q_proj.", "attn.in_proj_")] = torch.cat(qkv)
+    sd["text_projection"], sd["visual.proj"] = sd.pop("text_projection.weight").T, sd.pop("visual_projection.weight").T
+    return sd, dict(quick_gelu=act == {"quick_gelu"}, transformer_heads=text.get("num_attention_heads", 8),
+                    vision_heads=vision.get("num_attention_heads", 12))
 
 
 def _model_files(path):
@@ -632,43 +616,41 @@ def _read(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     config_file, weights = _model_files(path)
     if os.path.isdir(path):
-        if not weights and not checkpoints(path):
+        found = [weights] if weights else checkpoints(path)
+        if not found:
             raise ValueError(f"{path}: a folder without an OpenCLIP or Hugging Face model or train.py checkpoints")
-        path = weights or checkpoints(path)[-1]
+        path = found[-1]
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
             warnings.simplefilter("ignore", DeprecationWarning)
             jit = torch.jit.load(path, map_location="cpu")
             sd = {k: v for k, v in jit.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
             return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip", arch=_jit_text_heads(jit))
-    ckpt = _load_weights(path)
+    ckpt = read_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    if "config" in ckpt and ("state_dict" in ckpt or "model" in ckpt):  # ours (weights under "model" before v2)
+    if "config" in ckpt:  # ours (before the weights moved to "state_dict" they were under "model")
         info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
-        return ckpt.get("state_dict", ckpt.get("model")), dict(format="cloob", config=ModelConfig(**ckpt["config"]), **info)
+        return ckpt.get("state_dict", ckpt.get("model")), dict(info, format="cloob", config=ModelConfig(**ckpt["config"]))
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
     for prefix in ("module.", "_orig_mod."):
         sd = {k.removeprefix(prefix): v for k, v in sd.items()}
-    if "transformer.token_embedding.weight" in sd:  # official CLOOB (OpenAI's QuickGELU towers): text under "transformer."
+    if "transformer.token_embedding.weight" in sd:  # official CLOOB (OpenAI's towers): text under "transformer."
         sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
-        info = dict(format="cloob-official", method="cloob", tokenizer="clip", beta=8.0, arch={})
-        if "logit_scale_hopfield" in sd:
-            info["beta"] = sd.pop("logit_scale_hopfield").exp().item()
         sd["logit_scale"] = sd.pop("logit_inv_tau")
-        info["inv_tau"] = sd["logit_scale"].exp().item()
-        return sd, info
-    info = dict(method="clip", tokenizer="clip")
-    if config_file and os.path.basename(config_file) == "config.json":
-        with open(config_file) as f:
-            sd, arch = _from_hf(sd, json.load(f), path)
-        return sd, dict(info, format="huggingface", arch=arch)
-    if config_file:
-        with open(config_file) as f:
-            return sd, dict(info, format="openclip-hub", arch=_openclip_architecture(json.load(f), config_file))
-    return sd, dict(info, format="openai-state-dict")
+        beta = sd.pop("logit_scale_hopfield").exp().item() if "logit_scale_hopfield" in sd else 8.0
+        return sd, dict(format="cloob-official", method="cloob", tokenizer="clip", beta=beta,
+                        inv_tau=sd["logit_scale"].exp().item())
+    if not config_file:
+        return sd, dict(format="openai-state-dict", method="clip", tokenizer="clip")
+    with open(config_file) as f:
+        cfg = json.load(f)
+    if config_file.endswith("open_clip_config.json"):
+        return sd, dict(format="openclip-hub", method="clip", tokenizer="clip", arch=_openclip_architecture(cfg, config_file))
+    sd, arch = _from_hf(sd, cfg, path)
+    return sd, dict(format="huggingface", method="clip", tokenizer="clip", arch=arch)
 
 
 def load_model(path, **overrides):
@@ -678,24 +660,21 @@ def load_model(path, **overrides):
     (QuickGELU, 64-wide heads) and a warning says so."""
     sd, info = _read(path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
-    if unknown:
-        raise ValueError(f"load_model: {sorted(unknown)} are not ModelConfig fields")
     try:
-        config = replace(info.get("config") or infer_config(sd), **info.pop("arch", {}), **overrides)
+        config = replace(info.pop("config", None) or infer_config(sd), **{**info.pop("arch", {}), **overrides})
     except KeyError as e:
         raise ValueError(f"{path}: not a CLIP/CLOOB state dict (no {e}); first keys: {list(sd)[:5]}") from None
+    except TypeError as e:  # an override that is not a ModelConfig field
+        raise ValueError(f"load_model: {e}") from None
     if info["format"] == "openai-state-dict" and "quick_gelu" not in overrides:
         warnings.warn(f"{path} does not record its architecture: assuming OpenAI's QuickGELU and 64-wide heads. An "
-                      f"OpenCLIP model not named -quickgelu uses GELU: load it with quick_gelu=False (--gelu)", stacklevel=2)
+                      f"OpenCLIP model not named -quickgelu uses GELU: load it with quick_gelu=False (--gelu); set "
+                      f"vision_heads= / transformer_heads= for other head widths", stacklevel=2)
     model = CLIP(config)
-    expected = model.state_dict()
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
-    if wrong or missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the architecture; shapes {wrong[:2]}, missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:  # torch's message: a header, then one line per problem (size mismatch, missing, ...)
+        raise ValueError(f"{path}: weights do not match the architecture: {str(e).splitlines()[1].strip()[:300]}") from None
     return model.eval(), dict(info, config=config)
 
 

@@ -43,20 +43,14 @@ def preprocess(image, resolution):
 
 
 def random_resized_crop(image, resolution, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """CLIP's training transform (torchvision's RandomResizedCrop): a random area fraction and aspect ratio,
-    resized bicubic to [3, R, R]. `rng` is a numpy Generator, so the crop is a function of its seed."""
+    """CLIP's training transform (torchvision's RandomResizedCrop, with a crop too large for the image clamped to it
+    rather than drawn again): a random area fraction and aspect ratio, resized bicubic to [3, R, R]. `rng` is a numpy
+    Generator, so the crop is a function of its seed."""
     image = to_rgb(image)
     w, h = image.size
-    for _ in range(10):
-        area = w * h * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            break
-    else:  # no valid crop found: the central square
-        cw = ch = min(w, h)
-        left, top = (w - cw) // 2, (h - ch) // 2
+    area, aspect = w * h * rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     return to_tensor(image.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + cw, top + ch)))
 
 # ---------------------------------------------------------------------------------------------------- synthetic
@@ -149,6 +143,13 @@ class Synthetic(torch.utils.data.Dataset):
         return re.sub(r"( ?,)+ ?", ", ", " ".join(text.split())).replace(" .", ".").strip(" ,:")  # tidy the gaps
 
 # ---------------------------------------------------------------------------------------------------- files
+
+
+def csv_arguments(parser):
+    """train.py's and zeroshot.py's flags for CSV/TSV files (OpenCLIP's names)."""
+    parser.add_argument("--csv-img-key", default="filepath")
+    parser.add_argument("--csv-caption-key", default="title")
+    parser.add_argument("--csv-separator", help="default: tab for .tsv, comma otherwise")
 
 
 class CsvCaptions(torch.utils.data.Dataset):

@@ -174,13 +174,13 @@ def test_bpe_file_is_found_or_a_clear_error(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):
         raise OSError("no network")
-    monkeypatch.setattr(cloob.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
     with pytest.raises(FileNotFoundError, match="cannot be downloaded .*no network.*set CLOOB_BPE"):
         cloob.Tokenizer("clip")
     monkeypatch.setenv("CLOOB_BPE", ref("bpe_simple_vocab_16e6.txt.gz"))
     assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]
     monkeypatch.delenv("CLOOB_BPE")
-    os.makedirs(tmp_path / "cloob")
+    os.makedirs(tmp_path / "cloob", exist_ok=True)  # the failed download made the folder
     with open(ref("bpe_simple_vocab_16e6.txt.gz"), "rb") as src, open(tmp_path / "cloob" / "bpe_simple_vocab_16e6.txt.gz", "wb") as dst:
         dst.write(src.read())
     assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]  # found in the cache
@@ -323,7 +323,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         cloob.load_model(str(tmp_path / "missing.pt"))
     (tmp_path / "random.pt").write_bytes(os.urandom(1000))
-    with pytest.raises(ValueError, match="not a checkpoint torch can read") as e:
+    with pytest.raises(ValueError, match="cannot be read") as e:
         cloob.load_model(str(tmp_path / "random.pt"))
     assert "\n" not in str(e.value)
     torch.save({"foo": 1, "bar": [2]}, tmp_path / "dict.pt")
@@ -335,7 +335,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     sd = cloob.CLIP(MICRO).state_dict()
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "extra.pt")
-    with pytest.raises(ValueError, match="unexpected \\['extra.weight'\\]"):
+    with pytest.raises(ValueError, match='Unexpected key\\(s\\) in state_dict: "extra.weight"'):
         cloob.load_model(str(tmp_path / "extra.pt"), **dataclasses.asdict(MICRO))
 
 # ---------------------------------------------------------------------------------------------------- interop
@@ -427,7 +427,7 @@ def test_huggingface_options_and_wrong_shapes_are_refused(tmp_path):
     sd["visual.transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(300, 64)  # an MLP ratio other than 4
     torch.save(sd, tmp_path / "wide.pt")
     message = one_line_error(cloob.load_model, str(tmp_path / "wide.pt"), **dataclasses.asdict(MICRO))
-    assert "weights do not match the architecture; shapes ['visual.transformer.resblocks.0.mlp.c_fc.weight (300, 64)" in message
+    assert "weights do not match the architecture: size mismatch for visual.transformer.resblocks.0.mlp.c_fc.weight" in message
 
 
 def test_our_checkpoints_are_laid_out_for_openclip(tmp_path):
@@ -789,7 +789,7 @@ def test_zeroshot_retrieval_and_analysis_on_a_csv(eval_folder, tmp_path, capsys)
     (["--image", "nowhere.jpg", "--labels", "a,b"], "nowhere.jpg: missing image"),
     (["--image", "{images}/square/broken.jpg", "--labels", "a,b"], "broken.jpg: corrupt image"),
     (["--data", "{images}", "--templates", "{names}"], "every template needs a {} for the class name"),
-    (["--model", "{names}", "--data", "{images}"], "is not a checkpoint torch can read"),
+    (["--model", "{names}", "--data", "{images}"], "cannot be read"),
     (["--model", "{empty}", "--data", "{images}"], "a folder without an OpenCLIP or Hugging Face model or train.py checkpoints"),
     (["--model", "missing.pt", "--data", "{images}"], "checkpoint not found: missing.pt"),
 ])
@@ -893,7 +893,7 @@ def test_flops_counted_from_the_config_match_a_count_by_hand():
 
 def test_bench_times_the_training_step(capsys, monkeypatch):
     r = train.main(["--bench", "--batch-size", "8", "--steps", "2"])
-    assert "ms/step" in capsys.readouterr().out and r["flops_per_sample"] == vit_train_flops(cloob.CONFIGS["tiny-vit"])
+    assert "step_ms" in capsys.readouterr().out and r["flops_per_sample"] == vit_train_flops(cloob.CONFIGS["tiny-vit"])
     assert r["samples_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3)) and r["mfu"] is None  # no peak known on a CPU
     assert 0 < r["peak_memory_gib"] < 24
     monkeypatch.setattr(train, "peak_tflops", lambda device, precision: 1.0)  # as if the device's peak were 1 TFLOP/s

@@ -1,5 +1,5 @@
 """Train CLOOB (default) or CLIP, or time its training step.
-  python train.py                                    # tiny CLOOB on built-in synthetic data, CPU, minutes
+  python train.py                                    # tiny CLOOB on built-in synthetic data, CPU, ~2.5 minutes
   torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
   python train.py --bench --model ViT-B-16 --batch-size 256 --compile     # step time, samples/s, memory, MFU
 --batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch.
@@ -59,10 +59,8 @@ def parse_args(argv=None):
     a("--hopfield-beta", type=POSITIVE, default=8.0)
     a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar'")
     a("--train-num-samples", type=COUNT, help="samples per epoch (needed for tar shards)")
-    a("--val-data", help="CSV/TSV: validation loss and image<->text recall@1/5")
-    a("--csv-img-key", default="filepath")
-    a("--csv-caption-key", default="title")
-    a("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    a("--val-data", help="CSV/TSV: validation loss and image<->text recall@1/5/10")
+    data.csv_arguments(p)
     a("--workers", type=NATURAL, help="data-loading processes per rank (default 0 on synthetic data, else 2)")
     a("--zeroshot-data", help="image folder (one sub-folder per class); default on synthetic data: held-out set")
     a("--zeroshot-every", type=COUNT, help="steps between zero-shot evaluations (default: at the end)")
@@ -80,12 +78,11 @@ def parse_args(argv=None):
       "caching: same gradient as the whole batch (negatives from all of it), activation memory of one micro-batch")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--steps", type=COUNT, help="total optimizer steps (default: from --epochs; 1000 on synthetic data; 20 timed "
-      "steps with --bench)")
+    a("--steps", type=COUNT, help="optimizer steps (default: from --epochs; 1000 on synthetic data; 20 with --bench)")
     a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
     a("--seed", type=int, default=0)
     a("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
-    a("--logs-dir", default="logs", help="runs go to LOGS_DIR/NAME (not --logs: torchrun would take it for its --logs-specs)")
+    a("--logs-dir", default="logs", help="runs go to LOGS_DIR/NAME (not --logs: torchrun takes that one)")
     a("--name", help="run name (default: method-model-time)")
     a("--save-every", type=COUNT, default=1000, help="steps between checkpoints (and one at the end)")
     a("--resume", help="latest (the run's newest readable checkpoint; a new run if it has none) | PATH")
@@ -109,7 +106,7 @@ def parse_args(argv=None):
     args.eps = args.eps or (1e-6 if vit and args.method == "clip" else 1e-8)
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not synthetic and not (args.train_data.endswith(".tar") or os.path.splitext(args.train_data)[1] in (".csv", ".tsv")):
+    if not (synthetic or args.train_data.endswith((".tar", ".csv", ".tsv"))):
         p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar shards")
     if args.batch_size % args.accum_steps:
         p.error(f"--accum-steps {args.accum_steps} must divide --batch-size {args.batch_size}")
@@ -163,11 +160,12 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
     the dataset is one batch: tar shards stream them, the others are indexed by data.GlobalBatches."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
-              worker_init_fn=_ignore_stop_signals, pin_memory=torch.cuda.is_available(), persistent_workers=args.workers > 0)
+              worker_init_fn=_ignore_stop_signals, persistent_workers=args.workers > 0, pin_memory=torch.cuda.is_available())
     dataset.resolution = resolution  # images are made at the model's resolution
     if isinstance(dataset, data.TarShards):
         dataset.start = start
-        return iter(torch.utils.data.DataLoader(dataset, **kw)), data.steps_per_epoch(args.train_num_samples, args.batch_size * world)
+        epoch = data.steps_per_epoch(args.train_num_samples, args.batch_size * world)
+        return iter(torch.utils.data.DataLoader(dataset, **kw)), epoch
     batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
     sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start)
     return iter(torch.utils.data.DataLoader(batches, sampler=sampler, **kw)), sampler.steps_per_epoch
@@ -200,7 +198,7 @@ def save(args, run_dir, model, tokenizer, optimizer, scaler, step, world):
     path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
     # data randomness is a function of (seed, step, index): torch's generators are the only RNG state
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=cloob.unwrap(model).logit_scale.exp().item(),
+    cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
                           beta=args.hopfield_beta if args.method == "cloob" else None, step=step, world_size=world,
                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng, args=vars(args))
     for old in cloob.checkpoints(run_dir)[:-2]:  # keep the newest two (the run directory holds only this run)
@@ -216,30 +214,27 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
     """-> (the step to continue from, the checkpoint), (0, None) for a new run. --resume latest takes the newest
     checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume."""
     found = cloob.checkpoints(run_dir)
-    if not args.resume:
-        if found:
-            raise ValueError(f"{run_dir} already holds a run's checkpoints: continue it with --resume latest, "
-                             f"or choose another --name")
-        return 0, None
-    if args.resume != "latest" and not os.path.isfile(args.resume):
+    if not args.resume and found:
+        raise ValueError(f"{run_dir} already holds a run's checkpoints: continue it with --resume latest, "
+                         f"or choose another --name")
+    if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
-    for path in reversed(found) if args.resume == "latest" else [args.resume]:
+    for path in (reversed(found) if args.resume == "latest" else [args.resume] if args.resume else []):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            why = f"{path} cannot be read ({str(e).strip().splitlines()[0][:120]})"
+            ckpt = cloob.read_file(path)
+        except ValueError as e:
             if args.resume != "latest":
-                raise ValueError(f"--resume: {why}") from None
-            print0(rank, f"--resume latest: skipping {why}")
+                raise ValueError(f"--resume: {e}") from None
+            print0(rank, f"--resume latest: skipping {e}")
             continue
         ours = dict(vars(args), **asdict(model.config), tokenizer=tokenizer.name, global_batch=args.batch_size * world)
         theirs = dict(ckpt["args"], **ckpt["config"], tokenizer=ckpt["tokenizer"],
                       global_batch=ckpt["args"]["batch_size"] * ckpt["world_size"])
-        differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS] if theirs.get(k) != ours[k]]
+        differ = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS] if theirs[k] != ours[k]]
         if differ:
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (an exact continuation "
                              f"needs the same; start a new run from its weights with --pretrained)")
-        cloob.unwrap(model).load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -249,7 +244,8 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
         return ckpt["step"], path
     if found:
         raise ValueError(f"--resume latest: no readable checkpoint in {run_dir}/checkpoints")
-    print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
+    if args.resume:
+        print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
     return 0, None
 
 
@@ -280,36 +276,8 @@ def compute_loss(args, model, x, y):
     return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
 
 
-@torch.no_grad()
-def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world):
-    """Every rank evaluates its share and gets the same results. The validation loss is that of global
-    batches of the training size (a contrastive loss depends on the batch size); recall is over the whole set."""
-    model = cloob.unwrap(model).eval()
-    results = {}
-    if zeroshot_set:
-        tasks, batches = zeroshot_set
-        for task, r in zeroshot.evaluate(model, tokenizer, tasks, batches(), device).items():
-            results[f"zeroshot/{task}/top1"] = r["top1"]
-    if val_set:
-        images, tokens = val_set
-        n, losses, xs, ys = args.batch_size, [], [], []
-        for first in range(0, len(images) - n * world + 1, n * world):
-            rows = slice(first + rank * n, first + (rank + 1) * n)
-            x, y = (f.float() for f in model(images[rows].to(device), tokens[rows].to(device)))
-            losses.append(compute_loss(args, model, x, y))
-            xs.append(cloob.gather(x)[0])
-            ys.append(cloob.gather(y)[0])
-        loss = torch.stack(losses).mean()
-        if world > 1:
-            dist.all_reduce(loss)
-        results["val/loss"] = loss.item() / world
-        results.update({f"val/{k}": v for k, v in zeroshot.retrieval_recall(torch.cat(xs), torch.cat(ys)).items()})
-    model.train()
-    return results
-
-
-def load_eval_sets(args, tokenizer, resolution, world):
-    """-> ((zero-shot tasks, a function giving this rank's batches) or None, (val images, val tokens) or None)."""
+def load_eval_sets(args, resolution, world):
+    """-> (zero-shot tasks and a function giving this rank's batches, or None; the --val-data pairs, or None)."""
     zeroshot_set = val_set = None
     if args.zeroshot_data:  # task named after the folder; CLIP's 7 ImageNet templates, as zeroshot.py's default
         folder = data.ImageFolder(args.zeroshot_data)
@@ -320,16 +288,32 @@ def load_eval_sets(args, tokenizer, resolution, world):
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
         zeroshot_set = (tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size))
     if args.val_data:
-        rows = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        items = [zeroshot.Samples(rows, resolution)[i] for i in range(len(rows))]  # (image, caption, {}, why unusable)
-        samples = [(image, caption) for image, caption, _, why in items if why is None]
-        skipped = collections.Counter(why for *_, why in items if why is not None)
-        if skipped:
-            print(f"--val-data: skipped {dict(skipped)}")
-        if len(samples) < args.batch_size * world:
-            raise ValueError(f"--val-data has {len(samples)} samples, fewer than one global batch ({args.batch_size * world})")
-        val_set = (torch.stack([s[0] for s in samples]), tokenizer([s[1] for s in samples]))
+        val_set = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        data.steps_per_epoch(len(val_set), args.batch_size * world)  # at least one global batch
     return zeroshot_set, val_set
+
+
+@torch.no_grad()
+def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world):
+    """Every rank evaluates its share and gets the same results. The validation loss is that of global
+    batches of the training size (a contrastive loss depends on the batch size); recall is over the whole set."""
+    model = cloob.unwrap(model).eval()
+    results = {}
+    if zeroshot_set:
+        for task, r in zeroshot.evaluate(model, tokenizer, zeroshot_set[0], zeroshot_set[1](), device).items():
+            results[f"zeroshot/{task}/top1"] = r["top1"]
+    if val_set:  # every rank encodes all pairs, then computes its rows of each global batch
+        x, y, _ = zeroshot.pair_features(model, tokenizer, val_set, device, args.batch_size, args.workers, shard=False)
+        n = args.batch_size
+        losses = [compute_loss(args, model, x[i + rank * n:i + rank * n + n], y[i + rank * n:i + rank * n + n])
+                  for i in range(0, len(x) - n * world + 1, n * world)]
+        loss = torch.stack(losses).mean() if losses else torch.tensor(math.nan, device=device)
+        if world > 1:
+            dist.all_reduce(loss)
+        results["val/loss"] = loss.item() / world
+        results.update({f"val/{k}": v for k, v in zeroshot.retrieval_recall(x, y).items()})
+    model.train()
+    return results
 
 
 def print0(rank, line):
@@ -337,32 +321,26 @@ def print0(rank, line):
         print(line, flush=True)
 
 
-def log(run_dir, rank, event, line=None):
+def log(run_dir, rank, event, line):
+    print0(rank, line)
     if rank == 0:
-        if line:
-            print(line, flush=True)
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
 
 # ---------------------------------------------------------------------------------------------------- the step
 
 
-def make_optimizer(args, model):
-    """AdamW, weight decay only on tensors with >= 2 dims (not on gains, biases, the temperature). Fused: one
-    kernel for all tensors, and it can skip a step on the device (found_inf, in train_step)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
-
-
 def prepare(args, model, device, world):
-    """What a training step needs -> (net: the model to call, possibly in DDP and/or torch.compile; AdamW;
-    GradScaler, active for fp16 only; the autocast context, or none for fp32)."""
+    """What a training step needs -> (net: the model to call, possibly in DDP and/or torch.compile; AdamW with weight
+    decay on tensors of >= 2 dims only, fused: one kernel, and it can skip a step on the device; GradScaler, active
+    for fp16 only; the autocast context, or none for fp32)."""
     model.set_grad_checkpointing(args.grad_checkpointing)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
         model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-    optimizer = make_optimizer(args, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.wd},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # not gains, biases, temperature
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and args.accum_steps == 1 else model
@@ -480,13 +458,11 @@ def bench(args, model, device, world):
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
     result = dict(model=args.model, method=args.method, batch_size=args.batch_size, precision=args.precision,
                   compile=args.compile, accum_steps=args.accum_steps, grad_checkpointing=args.grad_checkpointing,
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   step_ms=step * 1e3, samples_per_s=args.batch_size / step, flops_per_sample=flops,
                   peak_memory_gib=memory / 2 ** 30, mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
     print(json.dumps(result) if args.json else
-          f"{args.method} {args.model}, batch {args.batch_size}, {args.precision} on {result['device']}: "
-          f"{result['step_ms']:.1f} ms/step, {result['samples_per_s']:,.0f} samples/s, {flops / 1e9:.2f} GFLOPs/sample, "
-          f"peak memory {result['peak_memory_gib']:.2f} GiB" + (f", MFU {result['mfu']:.1%}" if peak else ""))
+          "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return result
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -508,7 +484,7 @@ def train(args, rank, world, device):
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:
         raise ValueError(f"{run_dir} is already at step {start} of {total}: nothing to train (raise --steps)")
-    zeroshot_set, val_set = load_eval_sets(args, tokenizer, resolution, world)
+    zeroshot_set, val_set = load_eval_sets(args, resolution, world)
     if rank == 0:
         open_run_dir(args, run_dir, start, total, world)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -521,9 +497,8 @@ def train(args, rank, world, device):
     skipped, t0 = collections.Counter(), time.time()
     streak, worst, nonfinite = (torch.zeros((), device=device) for _ in range(3))
     for step in range(start, total):
-        lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = get_lr(step, args, total)
         images, tokens, batch_skipped = next(batches)
         skipped += batch_skipped
         loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
@@ -535,24 +510,23 @@ def train(args, rank, world, device):
             if world > 1:
                 dist.all_reduce(stats)
             rate = (done - start) * args.batch_size * world / (time.time() - t0)
-            event = {"step": done, "epoch": done / steps_per_epoch, "loss": stats[0].item() / world, "lr": lr,
-                     "inv_temperature": model.logit_scale.exp().item(), "samples_per_s": rate,
-                     "mfu": flops * rate / world / (peak * 1e12) if peak else None,
-                     "skipped": int(stats[1].item()), "nonfinite_steps": int(nonfinite.item())}
-            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
-                    f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s" + (f" mfu {event['mfu']:.1%}" if peak else "") +
-                    f" eta {(total - done) * args.batch_size * world / rate / 60:.1f} min")
-            log(run_dir, rank, event, line + (f" skipped {dict(skipped)}" if skipped else "") +
+            event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=get_lr(step, args, total),
+                         inv_temperature=model.logit_scale.exp().item(), samples_per_s=rate,
+                         mfu=flops * rate / world / (peak * 1e12) if peak else None, skipped=int(stats[1].item()),
+                         nonfinite_steps=int(nonfinite.item()))
+            log(run_dir, rank, event, f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr "
+                f"{event['lr']:.2e} 1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s" +
+                (f" mfu {event['mfu']:.1%}" if peak else "") + f" eta {(total - done) * args.batch_size * world / rate / 60:.1f} min" +
+                (f" skipped {dict(skipped)}" if skipped else "") +
                 (f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""))
             if worst.item() >= 5:  # the weights are those before the first of these steps
-                raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step {done}); "
-                                         f"last checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
+                raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step {done});"
+                                         f" last checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
         stop = torch.tensor(float(bool(RECEIVED)))
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
-        if done % args.save_every == 0 or done == total or stop:
-            if rank == 0:
-                last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
+        if (done % args.save_every == 0 or done == total or stop) and rank == 0:
+            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
         if stop and done < total:
             number = (RECEIVED or [signal.SIGTERM])[0]
             print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue with "

@@ -1,5 +1,5 @@
-"""Zero-shot checks on any checkpoint cloob.load_model reads (ours or a train.py run directory, OpenAI
-TorchScript, OpenCLIP state dict, official CLOOB):
+"""Zero-shot checks on any checkpoint cloob.load_model reads (ours or a train.py run directory, OpenAI TorchScript,
+OpenCLIP files and hub folders, Hugging Face CLIPModel folders, official CLOOB):
   python zeroshot.py --model logs/RUN --data synthetic              # the built-in held-out benchmark
   python zeroshot.py --model ViT-B-32.pt --data imagenet/val        # one sub-folder per class
   python zeroshot.py --model ViT-B-32.pt --image cat.jpg --labels "a cat,a dog,a diagram"
@@ -37,44 +37,32 @@ def classifier(model, tokenizer, classnames, templates, device="cpu"):
 
 
 @torch.no_grad()
-def text_features(model, tokenizer, texts, device="cpu", batch_size=256):
-    """Captions -> L2-normalised [N, D], in batches."""
-    return torch.cat([F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
-                      for i in range(0, len(texts), batch_size)])
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-@torch.no_grad()
 def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None):
     """Zero-shot classification. tasks: {name: (classnames, templates)}; batches: iterable of (images [B, 3, R, R],
     captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
     tensor_batches(). Under torch.distributed each rank passes its own share of the images and all get the
     totals. -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
-    weights = {name: classifier(model, tokenizer, classnames, templates, device) for name, (classnames, templates) in tasks.items()}
-    counts = {name: torch.zeros(3, len(classnames), dtype=torch.float64, device=device)  # top-1, top-5, total per class
-              for name, (classnames, _) in tasks.items()}
+    weights = {name: classifier(model, tokenizer, names, templates, device) for name, (names, templates) in tasks.items()}
+    counts = {name: torch.zeros(3, len(names), dtype=torch.float64, device=device)  # top-1, top-5 hits, images per class
+              for name, (names, _) in tasks.items()}
     skipped = torch.zeros((), dtype=torch.float64, device=device)
     for images, _, labels, batch_skipped in batches:
         skipped += sum(batch_skipped.values())
+        if progress:
+            progress(len(images) + sum(batch_skipped.values()))
         if not len(images):
             continue
         features = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)  # [B, D]
         for name, w in weights.items():
             y = labels[name].to(device)
             top5 = (features @ w).topk(min(5, w.shape[1]), dim=-1).indices  # [B, k], best first
-            counts[name][0].index_add_(0, y, (top5[:, 0] == y).double())
-            counts[name][1].index_add_(0, y, (top5 == y[:, None]).any(dim=-1).double())
-            counts[name][2].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-        if progress:
-            progress(len(images) + sum(batch_skipped.values()))
-    results = {}
-    if _distributed():
+            hits = torch.stack([top5[:, 0] == y, (top5 == y[:, None]).any(dim=-1), torch.ones_like(y, dtype=bool)])
+            counts[name].index_add_(1, y, hits.double())
+    if cloob._distributed():
         dist.all_reduce(skipped)
+    results = {}
     for name, (classnames, _) in tasks.items():
-        if _distributed():
+        if cloob._distributed():
             dist.all_reduce(counts[name])
         top1, top5, total = counts[name].cpu()
         n = int(total.sum())
@@ -88,7 +76,7 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None):
 
 def _shard(n):
     """This rank's share of n items: evaluation is split over ranks, never done by one while others wait."""
-    return slice(dist.get_rank(), n, dist.get_world_size()) if _distributed() else slice(0, n)
+    return slice(dist.get_rank(), n, dist.get_world_size()) if cloob._distributed() else slice(0, n)
 
 
 def tensor_batches(images, labels, batch_size=256):
@@ -119,8 +107,7 @@ class Samples(torch.utils.data.Dataset):
     def __getitem__(self, idx):
         item = self.dataset[idx]
         try:
-            image, caption = data.load_sample(item, lambda im: data.preprocess(im, self.resolution))
-            return image, caption, item[2], None
+            return *data.load_sample(item, lambda im: data.preprocess(im, self.resolution)), item[2], None
         except ValueError as e:
             return None, None, item[2], str(e)
 
@@ -132,43 +119,27 @@ def _collate(batch):
     return images, [b[1] for b in ok], labels, collections.Counter(b[3] for b in batch if b[0] is None)
 
 
-def loader(dataset, resolution, batch_size=256, workers=2):
-    """This rank's batches (images [B, 3, R, R], captions, labels {name: [B]}, skipped Counter) of a folder or
-    CSV dataset, read by `workers` processes; unusable items are left out and counted."""
-    part = torch.utils.data.Subset(Samples(dataset, resolution), range(len(dataset))[_shard(len(dataset))])
+def loader(dataset, resolution, batch_size=256, workers=2, shard=True):
+    """Batches (images [B, 3, R, R], captions, labels {name: [B]}, skipped Counter) of a folder or CSV dataset (this
+    rank's share, unless shard=False), read by `workers` processes; unusable items are left out and counted."""
+    part = torch.utils.data.Subset(Samples(dataset, resolution), range(len(dataset))[_shard(len(dataset)) if shard else slice(None)])
     return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                        pin_memory=torch.cuda.is_available())
 
 
-def read_classnames(path, folders):
-    """--classnames FILE: one name per line in sorted-folder order, or `folder<TAB>name` lines."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--classnames file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
-    if lines and all("\t" in line for line in lines):
-        names = dict(line.split("\t", 1) for line in lines)
-        missing = [d for d in folders if d not in names]
-        if missing:
-            raise ValueError(f"{path}: no name for folder {missing[0]!r} ({len(missing)} of {len(folders)} missing)")
-        return [names[d] for d in folders]
-    if len(lines) != len(folders):
-        raise ValueError(f"{path} has {len(lines)} class names but the data has {len(folders)} class folders")
-    return lines
-
-
-def read_templates(spec):
-    """--templates: ensemble | single | FILE with one template containing {} per line."""
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--templates: not a built-in set ({', '.join(TEMPLATES)}) nor a file: {spec}")
-    with open(spec, encoding="utf-8") as f:
-        templates = tuple(line.strip() for line in f if line.strip())
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(f"{spec}: every template needs a {{}} for the class name (bad: {bad[:1] or 'file is empty'})")
-    return templates
+@torch.no_grad()
+def pair_features(model, tokenizer, dataset, device="cpu", batch_size=256, workers=2, weights=None, shard=True):
+    """-> (image features [N, D], text features [N, D], skipped Counter), L2-normalised, of a CSV's image/caption
+    pairs, or of a folder's images each paired with its class's column of classifier `weights`."""
+    xs, ys, skipped = [], [], collections.Counter()
+    for images, captions, labels, batch_skipped in loader(dataset, model.config.image_resolution, batch_size, workers, shard):
+        skipped += batch_skipped
+        if not len(images):
+            continue
+        xs.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1))
+        text = weights.T[labels["label"].to(device)] if weights is not None else model.encode_text(tokenizer(captions).to(device))
+        ys.append(F.normalize(text.float(), dim=-1))
+    return torch.cat(xs) if xs else torch.empty(0), torch.cat(ys) if ys else torch.empty(0), skipped
 
 # ---------------------------------------------------------------------------------------------------- retrieval, analysis
 
@@ -207,18 +178,46 @@ def analyze(image_features, text_features):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def read_classnames(path, folders):
+    """--classnames FILE: one name per line in sorted-folder order, or `folder<TAB>name` lines."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    if lines and all("\t" in line for line in lines):
+        names = dict(line.split("\t", 1) for line in lines)
+        missing = [d for d in folders if d not in names]
+        if missing:
+            raise ValueError(f"{path}: no name for folder {missing[0]!r} ({len(missing)} of {len(folders)} missing)")
+        return [names[d] for d in folders]
+    if len(lines) != len(folders):
+        raise ValueError(f"{path} has {len(lines)} class names but the data has {len(folders)} class folders")
+    return lines
+
+
+def read_templates(spec):
+    """--templates: ensemble | single | FILE with one template containing {} per line."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--templates: not a built-in set ({', '.join(TEMPLATES)}) nor a file: {spec}")
+    with open(spec, encoding="utf-8") as f:
+        templates = tuple(line.strip() for line in f if line.strip())
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"{spec}: every template needs a {{}} for the class name (bad: {bad[:1] or 'file is empty'})")
+    return templates
+
+
 def progress(total):
     """-> a callback taking the number of images just done; prints images/s and ETA on stderr every 10 s."""
-    t0 = time.time()
-    state = {"done": 0, "last": t0}
+    start = last = time.time()
+    done = 0
 
     def update(n):
-        state["done"], now = state["done"] + n, time.time()
-        if now - state["last"] > 10 and state["done"] < total:
-            rate = state["done"] / (now - t0)
-            print(f"  {state['done']}/{total} images, {rate:.0f} images/s, eta {(total - state['done']) / rate:.0f} s",
-                  file=sys.stderr, flush=True)
-            state["last"] = now
+        nonlocal done, last
+        done, now = done + n, time.time()
+        if now - last > 10 and done < total:
+            rate, last = done / (now - start), now
+            print(f"  {done}/{total} images, {rate:.0f} images/s, eta {(total - done) / rate:.0f} s", file=sys.stderr)
     return update
 
 
@@ -232,9 +231,7 @@ def parse_args(argv=None):
     a("--labels", help="comma-separated labels for --image")
     a("--retrieval", help="CSV/TSV of images and captions: image<->text recall@1/5/10")
     a("--analyze", action="store_true", help="embedding analysis of --data or --retrieval")
-    a("--csv-img-key", default="filepath")
-    a("--csv-caption-key", default="title")
-    a("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    data.csv_arguments(p)
     a("--classnames", help="FILE: one class name per line (sorted-folder order) or folder<TAB>name lines")
     a("--templates", help="ensemble (CLIP's 7 ImageNet prompts; the folder default) | single | FILE")
     a("--batch-size", type=int, default=256)
@@ -244,20 +241,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.data, args.image, args.retrieval)) != 1:
         p.error("give exactly one of --data, --image, --retrieval")
-    if args.image and not args.labels:
-        p.error("--image needs --labels")
-    if args.analyze and args.image:
-        p.error("--analyze works on --data or --retrieval")
+    if args.image and not args.labels or args.analyze and (args.image or args.data == "synthetic"):
+        p.error("--image needs --labels, and --analyze works on an image folder or --retrieval")
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be >= 1 and --workers >= 0")
     return args
-
-
-def load(args):
-    path = args.model
-    model, info = cloob.load_model(path, **(dict(quick_gelu=False) if args.gelu else {}))
-    tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
-    print(f"{path}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
-          f"{model.config.image_resolution}px", file=sys.stderr)
-    return model.to(args.device), tokenizer, path
 
 
 def classify_images(args, model, tokenizer):
@@ -275,27 +263,19 @@ def classify_images(args, model, tokenizer):
         x = F.normalize(model.encode_image(image[None].to(args.device)).float(), dim=-1)  # [1, D]
         probs = (model.logit_scale.exp() * x @ w).softmax(dim=-1)[0]
         results[path] = dict(sorted(zip(labels, probs.tolist()), key=lambda kv: -kv[1]))
-        print(path)
-        for label, prob in results[path].items():
-            print(f"  {prob:7.2%}  {label}")
+        print(path + "".join(f"\n  {prob:7.2%}  {label}" for label, prob in results[path].items()))
     return results
 
 
-def class_names(args, folder):
-    return read_classnames(args.classnames, folder.classes) if args.classnames else [c.replace("_", " ") for c in folder.classes]
-
-
-def classify_folder(args, model, tokenizer):
-    resolution = model.config.image_resolution
-    if args.data == "synthetic":
+def classify_folder(args, model, tokenizer, folder):
+    if folder is None:  # the synthetic benchmark
         if args.templates or args.classnames:
             raise ValueError("--data synthetic has its own class names and templates")
-        tasks, images, labels = synthetic_benchmark(resolution)
+        tasks, images, labels = synthetic_benchmark(model.config.image_resolution)
         batches, n = tensor_batches(images, labels, args.batch_size), len(images)
     else:
-        folder = data.ImageFolder(args.data)
-        tasks = {"label": (class_names(args, folder), read_templates(args.templates or "ensemble"))}
-        batches, n = loader(folder, resolution, args.batch_size, args.workers), len(folder)
+        tasks = {"label": class_task(args, folder)}
+        batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
     results = evaluate(model, tokenizer, tasks, batches, args.device, progress(n))
     for name, r in results.items():
@@ -308,47 +288,48 @@ def classify_folder(args, model, tokenizer):
     return results["label"] if list(results) == ["label"] else results
 
 
-def pair_features(args, model, tokenizer):
-    """-> (image features [N, D], text features [N, D], skipped) of the --retrieval CSV's image/caption pairs, or
-    of the --data folder's images each paired with its class's (template-averaged) text feature."""
-    if args.retrieval:
-        dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    else:
-        dataset = data.ImageFolder(args.data)
-        w = classifier(model, tokenizer, class_names(args, dataset), read_templates(args.templates or "ensemble"), args.device)
-    xs, ys, skipped = [], [], collections.Counter()
-    for images, captions, labels, batch_skipped in loader(dataset, model.config.image_resolution, args.batch_size, args.workers):
-        skipped += batch_skipped
-        if len(images):
-            xs.append(F.normalize(model.encode_image(images.to(args.device)).float(), dim=-1))
-            ys.append(text_features(model, tokenizer, captions, args.device) if args.retrieval else w.T[labels["label"].to(args.device)])
-    if sum(map(len, xs)) < 2:
-        raise ValueError(f"{args.retrieval or args.data}: {sum(map(len, xs))} usable images; need at least 2 ({dict(skipped)})")
-    return torch.cat(xs).cpu(), torch.cat(ys).cpu(), dict(skipped)
+def class_task(args, folder):
+    """(class names, templates) of an image folder: folder names with _ -> space, or --classnames."""
+    names = read_classnames(args.classnames, folder.classes) if args.classnames else [c.replace("_", " ") for c in folder.classes]
+    return names, read_templates(args.templates or "ensemble")
+
+
+def compare_pairs(args, model, tokenizer, folder):
+    """--retrieval (a CSV's image/caption pairs) or --analyze (those, or a folder's images with their class's text)."""
+    dataset = folder or data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    weights = classifier(model, tokenizer, *class_task(args, folder), args.device) if folder else None
+    x, y, skipped = pair_features(model, tokenizer, dataset, args.device, args.batch_size, args.workers, weights)
+    if len(x) < 2:
+        raise ValueError(f"{args.retrieval or args.data}: {len(x)} usable images; need at least 2 ({dict(skipped)})")
+    note = f"; skipped {dict(skipped)}" if skipped else ""
+    if args.analyze:
+        r = dict(analyze(x.cpu(), y.cpu()), skipped=dict(skipped))
+        print(f"{r['n']} pairs, embedding dim {r['dim']}: eigenvalues explaining 99% of the covariance: images "
+              f"{r['image_eigenvalues_99']}, texts {r['text_eigenvalues_99']}; mean cosine matched "
+              f"{r['matched_cosine']:.3f}, unmatched {r['unmatched_cosine']:.3f}{note}")
+        return r
+    r = dict(retrieval_recall(x, y), n=len(x), skipped=dict(skipped))
+    print(f"{len(x)} pairs: " + "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
+    return r
 
 
 @torch.no_grad()
 def run(args):
-    model, tokenizer, path = load(args)
+    model, info = cloob.load_model(args.model, **(dict(quick_gelu=False) if args.gelu else {}))
+    tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
+    print(f"{args.model}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
+          f"{model.config.image_resolution}px", file=sys.stderr)
+    model = model.to(args.device)
+    folder = data.ImageFolder(args.data) if args.data not in (None, "synthetic") else None
     if args.image:
         results = classify_images(args, model, tokenizer)
-    elif args.analyze:
-        x, y, skipped = pair_features(args, model, tokenizer)
-        results = dict(analyze(x, y), skipped=skipped)
-        print(f"{results['n']} pairs, embedding dim {results['dim']}: eigenvalues explaining 99% of the covariance: "
-              f"images {results['image_eigenvalues_99']}, texts {results['text_eigenvalues_99']}; mean cosine matched "
-              f"{results['matched_cosine']:.3f}, unmatched {results['unmatched_cosine']:.3f}" +
-              (f"; skipped {skipped}" if skipped else ""))
-    elif args.retrieval:
-        x, y, skipped = pair_features(args, model, tokenizer)
-        results = dict(retrieval_recall(x, y), n=len(x), skipped=skipped)
-        print(f"{len(x)} pairs: " + "  ".join(f"{k} {v:.2%}" for k, v in results.items() if "R@" in k) +
-              (f"  (skipped {skipped})" if skipped else ""))
+    elif args.analyze or args.retrieval:
+        results = compare_pairs(args, model, tokenizer, folder)
     else:
-        results = classify_folder(args, model, tokenizer)
+        results = classify_folder(args, model, tokenizer, folder)
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(dict(results, model=path) if isinstance(results, dict) else results, f, indent=1)
+            json.dump(dict(results, model=args.model), f, indent=1)
     return results
 
 
