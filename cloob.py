@@ -53,8 +53,9 @@ def _preset(embed, res, layers, width, patch, text_width, text_heads=None, **kw)
                        transformer_heads=text_heads or text_width // 64, **kw)
 
 
-CONFIGS = {  # OpenAI's published shapes; two tiny ones for CPU work (byte tokenizer: 256 + start + end; exact GELU, which
-    # is cheaper than QuickGELU on a CPU)
+# OpenAI's published shapes; two tiny ones for CPU work (byte tokenizer: 256 + start + end; exact GELU, cheaper than
+# QuickGELU on a CPU)
+CONFIGS = {
     "RN50": _preset(1024, 224, (3, 4, 6, 3), 64, None, 512),
     "RN101": _preset(512, 224, (3, 4, 23, 3), 64, None, 512),
     "RN50x4": _preset(640, 288, (4, 6, 10, 6), 80, None, 640),
@@ -82,7 +83,7 @@ _FTFY_LITE = str.maketrans(_FTFY_LITE)
 
 def _bytes_to_unicode():
     """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in bs)}}
 
 
@@ -92,7 +93,8 @@ def _find_bpe(bpe_path=None):
     path = bpe_path or os.environ.get("CLOOB_BPE")
     if path and not os.path.isfile(path):
         raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
-    cached = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cloob", os.path.basename(BPE_URL))
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    cached = os.path.join(cache, "cloob", os.path.basename(BPE_URL))
     if not path and not os.path.isfile(cached):
         try:
             os.makedirs(os.path.dirname(cached), exist_ok=True)
@@ -199,7 +201,8 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.zeros_(self.out_proj.bias)  # in_proj_weight: CLIP.initialize_parameters
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, causal=False):  # x [B, L, D]
         B, L, D = x.shape
@@ -214,7 +217,8 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.ln_1, self.attn = nn.LayerNorm(width), Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU() if quick_gelu else nn.GELU(),
+        gelu = QuickGELU() if quick_gelu else nn.GELU()
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
                                              c_proj=nn.Linear(4 * width, width)))
 
     def forward(self, x, causal=False):
@@ -303,8 +307,8 @@ class ModifiedResNet(nn.Module):
         inplanes, self.grad_checkpointing = width, False
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
-            stage = [Bottleneck(inplanes, planes, 1 if i == 0 else 2)] + [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            rest = [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(Bottleneck(inplanes, planes, 1 if i == 0 else 2), *rest))
             inplanes = planes * 4
         self.attnpool = AttentionPool2d(resolution // 32, width * 32, heads, output_dim)
 
@@ -528,7 +532,9 @@ def read_safetensors(path):
 
 
 def read_file(path):
-    """A .safetensors file, or anything torch.load reads with weights_only=True; else a one-line ValueError."""
+    """A .safetensors file, or anything torch.load reads with weights_only=True; else a one-line error."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
     except Exception as e:
@@ -624,14 +630,16 @@ def _read(path):
         with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
             warnings.simplefilter("ignore", DeprecationWarning)
             jit = torch.jit.load(path, map_location="cpu")
-            sd = {k: v for k, v in jit.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+            extras = ("input_resolution", "context_length", "vocab_size")
+            sd = {k: v for k, v in jit.state_dict().items() if k not in extras}
             return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip", arch=_jit_text_heads(jit))
     ckpt = read_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if "config" in ckpt:  # ours (before the weights moved to "state_dict" they were under "model")
         info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
-        return ckpt.get("state_dict", ckpt.get("model")), dict(info, format="cloob", config=ModelConfig(**ckpt["config"]))
+        info.update(format="cloob", config=ModelConfig(**ckpt["config"]))
+        return ckpt.get("state_dict", ckpt.get("model")), info
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
@@ -643,14 +651,16 @@ def _read(path):
         beta = sd.pop("logit_scale_hopfield").exp().item() if "logit_scale_hopfield" in sd else 8.0
         return sd, dict(format="cloob-official", method="cloob", tokenizer="clip", beta=beta,
                         inv_tau=sd["logit_scale"].exp().item())
-    if not config_file:
-        return sd, dict(format="openai-state-dict", method="clip", tokenizer="clip")
-    with open(config_file) as f:
-        cfg = json.load(f)
-    if config_file.endswith("open_clip_config.json"):
-        return sd, dict(format="openclip-hub", method="clip", tokenizer="clip", arch=_openclip_architecture(cfg, config_file))
-    sd, arch = _from_hf(sd, cfg, path)
-    return sd, dict(format="huggingface", method="clip", tokenizer="clip", arch=arch)
+    info = dict(format="openai-state-dict", method="clip", tokenizer="clip")
+    if config_file:
+        with open(config_file) as f:
+            cfg = json.load(f)
+        if config_file.endswith("open_clip_config.json"):
+            info.update(format="openclip-hub", arch=_openclip_architecture(cfg, config_file))
+        else:
+            sd, arch = _from_hf(sd, cfg, path)
+            info.update(format="huggingface", arch=arch)
+    return sd, info
 
 
 def load_model(path, **overrides):
@@ -674,7 +684,8 @@ def load_model(path, **overrides):
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:  # torch's message: a header, then one line per problem (size mismatch, missing, ...)
-        raise ValueError(f"{path}: weights do not match the architecture: {str(e).splitlines()[1].strip()[:300]}") from None
+        problem = str(e).splitlines()[1].strip()[:300]
+        raise ValueError(f"{path}: weights do not match the architecture: {problem}") from None
     return model.eval(), dict(info, config=config)
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 import zlib
+from functools import partial
 
 import numpy as np
 import torch
@@ -67,8 +68,9 @@ COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225), 
            "purple": (145, 50, 185)}
 SIZES = {"small": 0.26, "large": 0.34}  # radius as a fraction of the image side
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "middle": (0.5, 0.5)}
-CAPTIONS = ("a {size} {colour} {shape} {where}.", "{colour} {shape}, {size}, {where}", "the {shape} {where} is {colour}",
-            "there is a {size} {shape} coloured {colour}", "{where}: one {colour} {shape}")
+CAPTIONS = ("a {size} {colour} {shape} {where}.", "{colour} {shape}, {size}, {where}",
+            "the {shape} {where} is {colour}", "there is a {size} {shape} coloured {colour}",
+            "{where}: one {colour} {shape}")
 WHERE = ("on the {}", "at the {}", "in the {}")
 # zero-shot prompts use words no training caption has ("picture", "drawing", "image", "photo", "object", ...); five
 # of them per task (prompt ensembling, as CLIP's) make the accuracy depend less on how one prompt happens to read
@@ -92,7 +94,8 @@ class Synthetic(torch.utils.data.Dataset):
 
     def __init__(self, size, resolution=32, split="train", seed=0):
         self.size, self.resolution, self.heldout, self.seed = size, resolution, split == "heldout", seed
-        self.triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS if is_heldout(s, c, p) == self.heldout]
+        triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
+        self.triples = [t for t in triples if is_heldout(*t) == self.heldout]
 
     def __len__(self):
         return self.size
@@ -126,10 +129,12 @@ class Synthetic(torch.utils.data.Dataset):
             dx = grid[None, None, :] - centre[rows, 0, None, None]  # [rows, 1, 2R]
             dy = grid[None, :, None] - centre[rows, 1, None, None]  # [rows, 2R, 1]
             inside[rows] = test(dx, dy, radius[rows, None, None])
-        alpha = (inside[:, ::2, ::2] + inside[:, 1::2, ::2] + inside[:, ::2, 1::2] + inside[:, 1::2, 1::2])[..., None] / 4
+        covered = inside[:, ::2, ::2] + inside[:, 1::2, ::2] + inside[:, ::2, 1::2] + inside[:, 1::2, 1::2]  # [n, R, R]
+        alpha = covered[..., None] / 4
         pixels = background + alpha * (fill[:, None, None, :] - background)  # [n, R, R, 3]
         captions = [self.caption(rng, *args) for rng, *args in zip(rngs, shape, colour, size, position)]
-        labels = {"shape": np.array([SHAPES.index(s) for s in shape]), "colour": np.array([list(COLOURS).index(c) for c in colour])}
+        labels = dict(shape=np.array([SHAPES.index(s) for s in shape]),
+                      colour=np.array([list(COLOURS).index(c) for c in colour]))
         return np.clip(pixels, 0, 255, out=pixels), captions, labels
 
     @staticmethod
@@ -166,7 +171,8 @@ class CsvCaptions(torch.utils.data.Dataset):
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator or ("\t" if path.endswith(".tsv") else ","))
+        separator = separator or ("\t" if path.endswith(".tsv") else ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
         missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: no column {missing[0]!r} (columns: {reader.fieldnames}); "
@@ -197,7 +203,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"{root}: no images in class sub-folders")
         empty = sorted(set(self.classes) - {self.classes[i] for _, i in self.items})
         if empty:
-            print(f"{root}: {len(empty)} class folders without images (still candidate labels): {', '.join(empty[:10])}")
+            print(f"{root}: {len(empty)} class folders without images (still candidate labels): {', '.join(empty[:9])}")
 
     def __len__(self):
         return len(self.items)
@@ -208,7 +214,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def find_images(folder):
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTS))
+    found = (os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+    return sorted(f for f in found if f.lower().endswith(IMAGE_EXTS))
 
 
 def open_image(path_or_file):
@@ -255,7 +262,8 @@ class TrainSet(torch.utils.data.Dataset):
                 i = (idx + tries) % len(self.dataset)
                 rng = np.random.default_rng([self.seed, step, i])
                 try:
-                    image, caption = load_sample(self.dataset[i], lambda im: random_resized_crop(im, self.resolution, rng))
+                    crop = partial(random_resized_crop, resolution=self.resolution, rng=rng)
+                    image, caption = load_sample(self.dataset[i], crop)
                     break
                 except ValueError as e:
                     skipped[str(e)] += 1
@@ -278,7 +286,8 @@ class GlobalBatches(torch.utils.data.Sampler):
     Infinite, from step `start`."""
 
     def __init__(self, num_samples, batch_size, rank=0, world=1, seed=0, start=0):
-        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = num_samples, batch_size, rank, world, seed, start
+        self.n, self.batch_size, self.rank, self.world = num_samples, batch_size, rank, world
+        self.seed, self.start = seed, start
         self.steps_per_epoch = steps_per_epoch(num_samples, batch_size * world)
 
     def __iter__(self):
@@ -343,10 +352,11 @@ class TarShards(torch.utils.data.IterableDataset):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
-            raise FileNotFoundError(f"training shard not found: {missing[0]} ({len(missing)} of {len(self.shards)} missing)")
+            raise FileNotFoundError(f"training shard not found: {missing[0]} ({len(missing)} of {len(self.shards)})")
         if len(self.shards) < world * max(1, workers):
-            raise ValueError(f"{len(self.shards)} shards cannot feed {world} ranks x {workers} workers: use fewer --workers")
-        self.batch_size, self.resolution, self.rank, self.world, self.seed, self.start = batch_size, resolution, rank, world, seed, start
+            raise ValueError(f"{len(self.shards)} shards cannot feed {world} ranks x {workers} workers each")
+        self.batch_size, self.resolution, self.rank, self.world = batch_size, resolution, rank, world
+        self.seed, self.start = seed, start
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -359,7 +369,8 @@ class TarShards(torch.utils.data.IterableDataset):
             if epoch and not found:  # a whole pass over the shards without one usable sample: never hang
                 raise ValueError(f"no usable sample in {len(shards)} shards ({dict(skipped)})")
             found = 0
-            for shard in (shards[i] for i in np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(len(shards))):
+            order = np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(len(shards))
+            for shard in (shards[i] for i in order):
                 try:
                     for image, caption in tar_samples(shard):
                         caption = None if caption is None else caption.decode("utf-8", "replace")
@@ -369,8 +380,8 @@ class TarShards(torch.utils.data.IterableDataset):
                             continue
                         rng = np.random.default_rng([self.seed, step, len(images), self.rank])
                         try:
-                            image, caption = load_sample((image and io.BytesIO(image), caption, {}),
-                                                         lambda im: random_resized_crop(im, self.resolution, rng))
+                            crop = partial(random_resized_crop, resolution=self.resolution, rng=rng)
+                            image, caption = load_sample((image and io.BytesIO(image), caption, {}), crop)
                         except ValueError as e:
                             skipped[str(e)] += 1
                             continue

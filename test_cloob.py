@@ -1056,6 +1056,12 @@ def test_resume_refuses_a_different_run(change, message, tmp_path, capsys):
     assert message in err and "differs from" in err
 
 
+def test_resume_from_a_file_that_is_not_a_training_checkpoint(tmp_path, capsys):
+    cloob.save_checkpoint(str(tmp_path / "weights.pt"), cloob.CLIP(cloob.CONFIGS["tiny-vit"]), "bytes", "cloob")
+    err = train_error(capsys, *FAST, "--steps", "2", "--logs-dir", str(tmp_path), "--resume", str(tmp_path / "weights.pt"))
+    assert "weights.pt is not a checkpoint of this train.py (start from its weights with --pretrained)" in err
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"], ["--save-every", "0"], ["--log-every", "0"],
                                   ["--batch-size", "0"], ["--workers", "-1"], ["--lr", "0"], ["--beta2", "1"],
                                   ["--warmup", "x"], ["--accum-steps", "3", "--batch-size", "8"]])
@@ -1070,7 +1076,7 @@ def test_data_and_run_directory_problems_are_one_line_errors(tmp_path, capsys):
     tar = [*FAST, "--train-data", pattern, "--tokenizer", "bytes", "--logs-dir", str(tmp_path)]
     assert "4 samples are fewer than one global batch of 6" in train_error(capsys, *tar, "--train-num-samples", "4",
                                                                            "--batch-size", "6", "--name", "a")
-    assert "2 shards cannot feed 1 ranks x 4 workers" in train_error(capsys, *tar, "--train-num-samples", "6",
+    assert "2 shards cannot feed 1 ranks x 4 workers each" in train_error(capsys, *tar, "--train-num-samples", "6",
                                                                      "--workers", "4", "--name", "b")
     (tmp_path / "file").write_text("")
     assert "cannot write the run directory" in train_error(capsys, *FAST, "--steps", "1", "--logs-dir", str(tmp_path / "file"))

@@ -139,7 +139,8 @@ def build_model(args, device):
         torch.manual_seed(args.seed)
         model = cloob.CLIP(replace(config, vocab_size=tokenizer.vocab_size) if tokenizer else config)
     if tokenizer and tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+        raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model "
+                         f"{model.config.vocab_size}")
     if args.method == "cloob":
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
     elif not args.pretrained:
@@ -150,7 +151,8 @@ def build_model(args, device):
 def open_data(args, rank, world):
     """The training dataset, opened before the model so that a bad path or an empty file fails at once."""
     if args.train_data.endswith(".tar"):
-        return data.TarShards(args.train_data, args.batch_size, rank=rank, world=world, seed=args.seed, workers=args.workers)
+        return data.TarShards(args.train_data, args.batch_size, rank=rank, world=world, seed=args.seed,
+                              workers=args.workers)
     if args.train_data == "synthetic":
         return data.Synthetic(args.train_num_samples or 10 ** 6, seed=args.seed)
     return data.CsvCaptions(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
@@ -160,7 +162,8 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
     the dataset is one batch: tar shards stream them, the others are indexed by data.GlobalBatches."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
-              worker_init_fn=_ignore_stop_signals, persistent_workers=args.workers > 0, pin_memory=torch.cuda.is_available())
+              worker_init_fn=_ignore_stop_signals, persistent_workers=args.workers > 0,
+              pin_memory=torch.cuda.is_available())
     dataset.resolution = resolution  # images are made at the model's resolution
     if isinstance(dataset, data.TarShards):
         dataset.start = start
@@ -217,8 +220,6 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
     if not args.resume and found:
         raise ValueError(f"{run_dir} already holds a run's checkpoints: continue it with --resume latest, "
                          f"or choose another --name")
-    if args.resume not in (None, "latest") and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume: checkpoint not found: {args.resume}")
     for path in (reversed(found) if args.resume == "latest" else [args.resume] if args.resume else []):
         try:
             ckpt = cloob.read_file(path)
@@ -227,6 +228,9 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
                 raise ValueError(f"--resume: {e}") from None
             print0(rank, f"--resume latest: skipping {e}")
             continue
+        if not isinstance(ckpt, dict) or not {"args", "optimizer", "world_size"} <= ckpt.keys():
+            raise ValueError(f"--resume: {path} is not a checkpoint of this train.py (start from its weights with "
+                             f"--pretrained)")
         ours = dict(vars(args), **asdict(model.config), tokenizer=tokenizer.name, global_batch=args.batch_size * world)
         theirs = dict(ckpt["args"], **ckpt["config"], tokenizer=ckpt["tokenizer"],
                       global_batch=ckpt["args"]["batch_size"] * ckpt["world_size"])
@@ -289,7 +293,8 @@ def load_eval_sets(args, resolution, world):
         zeroshot_set = (tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size))
     if args.val_data:
         val_set = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        data.steps_per_epoch(len(val_set), args.batch_size * world)  # at least one global batch
+        if len(val_set) < args.batch_size * world:
+            raise ValueError(f"--val-data has {len(val_set)} rows, fewer than one global batch ({args.batch_size * world})")
     return zeroshot_set, val_set
 
 
@@ -460,7 +465,8 @@ def bench(args, model, device, world):
                   compile=args.compile, accum_steps=args.accum_steps, grad_checkpointing=args.grad_checkpointing,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   step_ms=step * 1e3, samples_per_s=args.batch_size / step, flops_per_sample=flops,
-                  peak_memory_gib=memory / 2 ** 30, mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
+                  peak_memory_gib=memory / 2 ** 30,
+                  mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
     print(json.dumps(result) if args.json else
           "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return result
@@ -488,7 +494,8 @@ def train(args, rank, world, device):
     if rank == 0:
         open_run_dir(args, run_dir, start, total, world)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-                 f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; run dir {run_dir}")
+                 f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; "
+                 f"run dir {run_dir}")
     # stop signals are agreed on over a CPU group, so that every rank stops after the same step, with no device sync
     stop_group = dist.new_group(backend="gloo") if world > 1 else None
     peak = peak_tflops(device, args.precision)
@@ -497,8 +504,9 @@ def train(args, rank, world, device):
     skipped, t0 = collections.Counter(), time.time()
     streak, worst, nonfinite = (torch.zeros((), device=device) for _ in range(3))
     for step in range(start, total):
+        lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, args, total)
+            group["lr"] = lr
         images, tokens, batch_skipped = next(batches)
         skipped += batch_skipped
         loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
@@ -510,18 +518,21 @@ def train(args, rank, world, device):
             if world > 1:
                 dist.all_reduce(stats)
             rate = (done - start) * args.batch_size * world / (time.time() - t0)
-            event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=get_lr(step, args, total),
+            event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
                          inv_temperature=model.logit_scale.exp().item(), samples_per_s=rate,
                          mfu=flops * rate / world / (peak * 1e12) if peak else None, skipped=int(stats[1].item()),
                          nonfinite_steps=int(nonfinite.item()))
-            log(run_dir, rank, event, f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr "
-                f"{event['lr']:.2e} 1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s" +
-                (f" mfu {event['mfu']:.1%}" if peak else "") + f" eta {(total - done) * args.batch_size * world / rate / 60:.1f} min" +
-                (f" skipped {dict(skipped)}" if skipped else "") +
-                (f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""))
+            eta = (total - done) * args.batch_size * world / rate / 60
+            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
+                    f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s")
+            line += (f" mfu {event['mfu']:.1%}" if peak else "") + f" eta {eta:.1f} min"
+            line += f" skipped {dict(skipped)}" if skipped else ""
+            line += f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""
+            log(run_dir, rank, event, line)
             if worst.item() >= 5:  # the weights are those before the first of these steps
-                raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step {done});"
-                                         f" last checkpoint: {last_good or 'none'}; try a lower --lr or --precision fp32/bf16")
+                raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step "
+                                         f"{done}); last checkpoint: {last_good or 'none'}; try a lower --lr or "
+                                         f"--precision fp32/bf16")
         stop = torch.tensor(float(bool(RECEIVED)))
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
@@ -529,15 +540,16 @@ def train(args, rank, world, device):
             last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
         if stop and done < total:
             number = (RECEIVED or [signal.SIGTERM])[0]
-            print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue with "
-                         f"the same command and --resume latest")
+            print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue "
+                         f"with the same command and --resume latest")
             if world > 1:
                 dist.barrier(group=stop_group)  # every rank exits after rank 0 has saved
             return 128 + number
         if (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total:
             results = evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
             if results:
-                log(run_dir, rank, {"step": done, **results}, f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+                line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+                log(run_dir, rank, {"step": done, **results}, line)
     print0(rank, f"done: checkpoints and metrics.jsonl in {run_dir}")
     return 0
 

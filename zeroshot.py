@@ -42,9 +42,9 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None):
     captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
     tensor_batches(). Under torch.distributed each rank passes its own share of the images and all get the
     totals. -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
-    weights = {name: classifier(model, tokenizer, names, templates, device) for name, (names, templates) in tasks.items()}
-    counts = {name: torch.zeros(3, len(names), dtype=torch.float64, device=device)  # top-1, top-5 hits, images per class
-              for name, (names, _) in tasks.items()}
+    weights = {name: classifier(model, tokenizer, *task, device) for name, task in tasks.items()}
+    # per task and class: top-1 hits, top-5 hits, images
+    counts = {name: torch.zeros(3, len(task[0]), dtype=torch.float64, device=device) for name, task in tasks.items()}
     skipped = torch.zeros((), dtype=torch.float64, device=device)
     for images, _, labels, batch_skipped in batches:
         skipped += sum(batch_skipped.values())
@@ -122,7 +122,8 @@ def _collate(batch):
 def loader(dataset, resolution, batch_size=256, workers=2, shard=True):
     """Batches (images [B, 3, R, R], captions, labels {name: [B]}, skipped Counter) of a folder or CSV dataset (this
     rank's share, unless shard=False), read by `workers` processes; unusable items are left out and counted."""
-    part = torch.utils.data.Subset(Samples(dataset, resolution), range(len(dataset))[_shard(len(dataset)) if shard else slice(None)])
+    rows = range(len(dataset))[_shard(len(dataset)) if shard else slice(None)]
+    part = torch.utils.data.Subset(Samples(dataset, resolution), rows)
     return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                        pin_memory=torch.cuda.is_available())
 
@@ -132,16 +133,19 @@ def pair_features(model, tokenizer, dataset, device="cpu", batch_size=256, worke
     """-> (image features [N, D], text features [N, D], skipped Counter), L2-normalised, of a CSV's image/caption
     pairs, or of a folder's images each paired with its class's column of classifier `weights`."""
     xs, ys, skipped = [], [], collections.Counter()
-    for images, captions, labels, batch_skipped in loader(dataset, model.config.image_resolution, batch_size, workers, shard):
+    batches = loader(dataset, model.config.image_resolution, batch_size, workers, shard)
+    for images, captions, labels, batch_skipped in batches:
         skipped += batch_skipped
         if not len(images):
             continue
         xs.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1))
-        text = weights.T[labels["label"].to(device)] if weights is not None else model.encode_text(tokenizer(captions).to(device))
-        ys.append(F.normalize(text.float(), dim=-1))
+        if weights is None:
+            ys.append(F.normalize(model.encode_text(tokenizer(captions).to(device)).float(), dim=-1))
+        else:
+            ys.append(weights.T[labels["label"].to(device)])
     return torch.cat(xs) if xs else torch.empty(0), torch.cat(ys) if ys else torch.empty(0), skipped
 
-# ---------------------------------------------------------------------------------------------------- retrieval, analysis
+# ---------------------------------------------------------------------------------------------------- retrieval
 
 
 def retrieval_recall(image_features, text_features, ks=(1, 5, 10), chunk=4096):
@@ -171,9 +175,9 @@ def analyze(image_features, text_features):
     """Embedding structure of matched pairs (row i of each): effective ranks and matched/unmatched cosines."""
     cos = image_features.double() @ text_features.double().T  # [N, N]
     n = len(cos)
-    return {"image_eigenvalues_99": effective_rank(image_features), "text_eigenvalues_99": effective_rank(text_features),
-            "dim": image_features.shape[1], "n": n, "matched_cosine": cos.diag().mean().item(),
-            "unmatched_cosine": ((cos.sum() - cos.diag().sum()) / max(n * n - n, 1)).item()}
+    return dict(image_eigenvalues_99=effective_rank(image_features), text_eigenvalues_99=effective_rank(text_features),
+                dim=image_features.shape[1], n=n, matched_cosine=cos.diag().mean().item(),
+                unmatched_cosine=((cos.sum() - cos.diag().sum()) / max(n * n - n, 1)).item())
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
@@ -290,7 +294,9 @@ def classify_folder(args, model, tokenizer, folder):
 
 def class_task(args, folder):
     """(class names, templates) of an image folder: folder names with _ -> space, or --classnames."""
-    names = read_classnames(args.classnames, folder.classes) if args.classnames else [c.replace("_", " ") for c in folder.classes]
+    names = [c.replace("_", " ") for c in folder.classes]
+    if args.classnames:
+        names = read_classnames(args.classnames, folder.classes)
     return names, read_templates(args.templates or "ensemble")
 
 
