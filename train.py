@@ -294,7 +294,8 @@ def load_eval_sets(args, resolution, world):
     if args.val_data:
         val_set = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
         if len(val_set) < args.batch_size * world:
-            raise ValueError(f"--val-data has {len(val_set)} rows, fewer than one global batch ({args.batch_size * world})")
+            raise ValueError(f"--val-data has {len(val_set)} rows, fewer than one global batch "
+                             f"({args.batch_size * world})")
     return zeroshot_set, val_set
 
 
