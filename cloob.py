@@ -70,10 +70,9 @@ CONFIGS = {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenizer: OpenAI's CLIP BPE on tiktoken, any tiktoken encoding, or raw bytes
+# Tokenizer: OpenAI's CLIP BPE on tiktoken, or raw bytes
 
-BPE_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
-BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")  # OpenAI's, MIT
 # The common part of ftfy.fix_text that OpenAI applies first: curly quotes, ligatures, full-width forms.
 _FTFY_LITE = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}, **{c: '"' for c in "\u201c\u201d\u201e\u201f"},
               "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
@@ -85,24 +84,6 @@ def _bytes_to_unicode():
     """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in bs)}}
-
-
-def _find_bpe(bpe_path=None):
-    """The merges file: explicit path, else $CLOOB_BPE, else the cache, else downloaded once into the cache
-    (torch.hub's download: checked against the sha256, written to a temp file and renamed)."""
-    path = bpe_path or os.environ.get("CLOOB_BPE")
-    if path and not os.path.isfile(path):
-        raise FileNotFoundError(f"CLIP BPE merges file not found: {path}")
-    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
-    cached = os.path.join(cache, "cloob", os.path.basename(BPE_URL))
-    if not path and not os.path.isfile(cached):
-        try:
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            torch.hub.download_url_to_file(BPE_URL, cached, hash_prefix=BPE_SHA256, progress=False)
-        except (OSError, RuntimeError) as e:
-            raise FileNotFoundError(f"CLIP's BPE merges file is not here and cannot be downloaded ({e}); pass "
-                                    f"bpe_path=, set CLOOB_BPE, or put the file at {cached}") from None
-    return path or cached
 
 
 @functools.lru_cache(maxsize=4)
@@ -126,27 +107,21 @@ def _clip_encoding(path):
 class Tokenizer:
     """Text -> LongTensor [B, context_length]: start id, token ids, end id, zero padding. Too-long text is cut,
     keeping the end id in the last slot (the text tower pools there). Start and end are the last two ids.
-      "clip":  OpenAI's CLIP BPE, token-for-token (49408 ids, start 49406, end 49407);
-      "bytes": UTF-8 bytes (256 ids + start + end), needs no file;
-      any tiktoken encoding name ("cl100k_base", ...): its ids, plus start and end after them."""
+      "clip":  OpenAI's CLIP BPE, token-for-token (49408 ids, start 49406, end 49407), from the merges file shipped
+               beside this file (bpe_path= names another);
+      "bytes": UTF-8 bytes (256 ids + start + end), needs no file."""
 
-    def __init__(self, encoding="clip", context_length=77, bpe_path=None):
+    def __init__(self, encoding="clip", context_length=77, bpe_path=BPE_PATH):
         import regex  # installed with tiktoken
+        if encoding not in ("clip", "bytes"):
+            raise ValueError(f"tokenizer {encoding!r}: expected clip or bytes")
+        if encoding == "clip" and not os.path.isfile(bpe_path):
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path}")
         self.name, self.context_length = encoding, context_length
-        if encoding == "bytes":
-            self.enc, n = None, 256
-        elif encoding == "clip":
-            self.enc, n = _clip_encoding(_find_bpe(bpe_path)), 49406
-            self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-                                        r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-        else:
-            import tiktoken
-            try:
-                self.enc = tiktoken.get_encoding(encoding)
-            except Exception as e:  # an unknown name, or its file cannot be downloaded
-                raise ValueError(f"tokenizer {encoding!r}: {str(e).strip().splitlines()[0][:200]}") from None
-            n = self.enc.n_vocab
-        self.sot, self.eot, self.vocab_size = n, n + 1, n + 2
+        self.enc = _clip_encoding(bpe_path) if encoding == "clip" else None
+        self.sot, self.eot, self.vocab_size = (49406, 49407, 49408) if self.enc else (256, 257, 258)
+        self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                                    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
     def _prepare(self, text):
         """CLIP's cleaning (ftfy-lite, html unescape twice, whitespace collapse, lower case) and pre-split."""
@@ -157,9 +132,7 @@ class Tokenizer:
         """str -> list of ids, without start and end."""
         if self.enc is None:
             return list(text.encode("utf-8"))
-        if self.name == "clip":  # CLIP's special tokens in the text are honoured, as OpenAI's tokenizer does
-            return self.enc.encode(self._prepare(text), allowed_special="all")
-        return self.enc.encode_ordinary(text)
+        return self.enc.encode(self._prepare(text), allowed_special="all")  # CLIP's special tokens honoured, as OpenAI
 
     def decode(self, ids):
         ids = [i for i in ids if i < self.sot]
@@ -502,18 +475,6 @@ def infer_config(sd):
                        transformer_heads=width // 64, transformer_layers=count("transformer.resblocks."), **vision)
 
 
-def _jit_text_heads(jit):
-    """Heads are not in the weights; a traced archive keeps them as the divisor of head_dim = D // heads."""
-    try:
-        for node in getattr(jit.transformer.resblocks, "0").attn.graph.nodes():
-            if node.kind() in ("aten::div", "aten::floor_divide", "aten::floordiv") and \
-                    node.output().debugName().startswith("head_dim"):
-                return dict(transformer_heads=int(node.inputsAt(1).toIValue()))
-    except Exception:  # an archive traced differently: OpenAI's width // 64
-        pass
-    return {}
-
-
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
@@ -632,7 +593,7 @@ def _read(path):
             jit = torch.jit.load(path, map_location="cpu")
             extras = ("input_resolution", "context_length", "vocab_size")
             sd = {k: v for k, v in jit.state_dict().items() if k not in extras}
-            return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip", arch=_jit_text_heads(jit))
+            return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip")
     ckpt = read_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")

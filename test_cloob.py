@@ -1,5 +1,5 @@
-"""Tests: CPU, offline, seconds. Reference outputs (OpenAI's CLIP code, the official CLOOB loss) are read from
-../shared/reference/ and the tests that need them skip when it is absent."""
+"""Tests: CPU, offline, seconds. Reference outputs made by the peers' own code (OpenAI's CLIP, the official CLOOB loss,
+OpenCLIP, Hugging Face transformers) are read from reference/, which holds the script that remade them."""
 import contextlib
 import dataclasses
 import glob
@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 import cloob
 
-REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference")
-BPE = os.path.join(REF, "bpe_simple_vocab_16e6.txt.gz")
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 # a few-thousand-parameter ViT for tests that only need some model
 MICRO = cloob.ModelConfig(embed_dim=16, image_resolution=16, vision_layers=1, vision_width=64, vision_patch_size=8,
                           context_length=8, vocab_size=32, transformer_width=32, transformer_heads=2,
@@ -26,10 +25,7 @@ MICRO = cloob.ModelConfig(embed_dim=16, image_resolution=16, vision_layers=1, vi
 
 
 def ref(name):
-    path = os.path.join(REF, name)
-    if not os.path.exists(path):
-        pytest.skip(f"reference file {name} not present")
-    return path
+    return os.path.join(REF, name)
 
 
 def load_ref(name):
@@ -69,15 +65,18 @@ def test_matches_openai_outputs(name, tmp_path):
 
 def test_openai_torchscript_archive_loads():
     d = load_ref("tiny_vit.pt")
-    model, info = cloob.load_model(ref("tiny_vit_openai_jit.pt"))
+    # every archive OpenAI released has 64-wide text heads; this tiny one has 2 heads of 16, given as for a state dict
+    model, info = cloob.load_model(ref("tiny_vit_openai_jit.pt"), transformer_heads=2)
     assert info["format"] == "openai-torchscript" and info["tokenizer"] == "clip"
-    assert info["config"] == cloob.ModelConfig(**d["args"])  # heads read from the traced graph
+    assert info["config"] == dataclasses.replace(cloob.ModelConfig(**d["args"]), quick_gelu=True)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    archive = torch.jit.load(ref("tiny_vit_openai_jit.pt")).state_dict()
+    assert archive["visual.conv1.weight"].dtype == torch.float16  # OpenAI's convert_weights
     rounded = cloob.CLIP(cloob.ModelConfig(**d["args"])).eval()
-    rounded.load_state_dict({k: v.half().float() for k, v in d["state_dict"].items()})
+    rounded.load_state_dict({k: v.to(archive[k].dtype).float() for k, v in d["state_dict"].items()})
     for ours, expected in zip(outputs(model, d["image"], d["text"]), outputs(rounded, d["image"], d["text"])):
         assert torch.equal(ours, expected)
-    assert (outputs(model, d["image"], d["text"])[1] - d["text_features"]).abs().max() < 0.05  # fp16 rounding only
+    assert rel_err(outputs(model, d["image"], d["text"])[1], d["text_features"]) < 0.01  # fp16 rounding only
 
 
 @pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
@@ -138,7 +137,7 @@ def test_new_model_initialisation():
 
 
 def test_clip_tokenizer_matches_openai():
-    tok = cloob.Tokenizer("clip", context_length=16, bpe_path=ref("bpe_simple_vocab_16e6.txt.gz"))
+    tok = cloob.Tokenizer("clip", context_length=16)
     cases = [json.loads(line) for line in open(ref("tokenizer_cases.jsonl"))]
     assert len(cases) > 30
     for case in cases:
@@ -148,7 +147,7 @@ def test_clip_tokenizer_matches_openai():
 
 
 def test_clip_tokenizer_cleans_text_like_ftfy():
-    tok = cloob.Tokenizer("clip", bpe_path=ref("bpe_simple_vocab_16e6.txt.gz"))
+    tok = cloob.Tokenizer("clip")
     cases = {json.loads(line)["text"]: json.loads(line)["ids"] for line in open(ref("tokenizer_cases.jsonl"))}
     # OpenAI runs ftfy.fix_text first, which straightens quotes and narrows full-width letters
     assert tok.encode("It\u2019s a dog\u2019s life, isn\u2019t it?") == cases["It's a dog's life, isn't it?"]
@@ -166,24 +165,12 @@ def test_bytes_tokenizer_truncates_keeping_end_token():
     assert tok.vocab_size == 258 and tok.decode(out[1].tolist()) == "abcdef"
 
 
-def test_bpe_file_is_found_or_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="BPE merges file not found"):
-        cloob.Tokenizer("clip", bpe_path=str(tmp_path / "nope.txt.gz"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.delenv("CLOOB_BPE", raising=False)
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-    monkeypatch.setattr(torch.hub, "urlopen", offline)
-    with pytest.raises(FileNotFoundError, match="cannot be downloaded .*no network.*set CLOOB_BPE"):
-        cloob.Tokenizer("clip")
-    monkeypatch.setenv("CLOOB_BPE", ref("bpe_simple_vocab_16e6.txt.gz"))
+def test_clip_tokenizer_needs_no_download_and_names_a_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cache anywhere: the merges file ships beside cloob.py
     assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]
-    monkeypatch.delenv("CLOOB_BPE")
-    os.makedirs(tmp_path / "cloob", exist_ok=True)  # the failed download made the folder
-    with open(ref("bpe_simple_vocab_16e6.txt.gz"), "rb") as src, open(tmp_path / "cloob" / "bpe_simple_vocab_16e6.txt.gz", "wb") as dst:
-        dst.write(src.read())
-    assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]  # found in the cache
+    with pytest.raises(FileNotFoundError, match="BPE merges file not found: .*nope.txt.gz"):
+        cloob.Tokenizer("clip", bpe_path=str(tmp_path / "nope.txt.gz"))
+    assert "tokenizer 'cl100k_base': expected clip or bytes" in one_line_error(cloob.Tokenizer, "cl100k_base")
 
 # ---------------------------------------------------------------------------------------------------- losses
 
@@ -351,16 +338,16 @@ def peer_error(model, io):
 @pytest.mark.parametrize("where", ["openclip_hub_tiny", "openclip_hub_tiny/open_clip_model.safetensors",
                                    "openclip_hub_tiny/open_clip_pytorch_model.bin"])
 def test_openclip_hub_folder_and_its_files_load_exactly(where):
-    model, info = cloob.load_model(ref(f"interop/{where}"))
+    model, info = cloob.load_model(ref(where))
     assert info["format"] == "openclip-hub" and info["tokenizer"] == "clip"
     assert not model.config.quick_gelu and model.config.vision_heads == 2 and model.config.transformer_heads == 2
-    assert peer_error(model, load_ref("interop/openclip_tiny_io.pt")) <= 1e-5
+    assert peer_error(model, load_ref("openclip_tiny_io.pt")) <= 1e-5
 
 
 def test_bare_openclip_file_says_its_assumption_and_takes_overrides():
-    path, io = ref("interop/openclip_trainer_tiny.pt"), load_ref("interop/openclip_tiny_io.pt")
+    path, io = ref("openclip_trainer_tiny.pt"), load_ref("openclip_tiny_io.pt")
     with pytest.warns(UserWarning, match="assuming OpenAI's QuickGELU and 64-wide heads.*quick_gelu=False") as w:
-        model, info = cloob.load_model(path)
+        model, info = cloob.load_model(path, vision_heads=2, transformer_heads=2)
     assert len(w) == 1 and "\n" not in str(w[0].message) and info["format"] == "openai-state-dict"
     assert peer_error(model, io) > 1e-2  # GELU weights read as QuickGELU: silently wrong without the warning
     model, _ = cloob.load_model(path, quick_gelu=False, vision_heads=2, transformer_heads=2)
@@ -368,21 +355,21 @@ def test_bare_openclip_file_says_its_assumption_and_takes_overrides():
 
 
 def test_huggingface_folders_load_exactly(tmp_path):
-    io = load_ref("interop/hf_tiny_io.pt")
+    io = load_ref("hf_tiny_io.pt")
     for where in ("hf_tiny", "hf_tiny/model.safetensors"):
-        model, info = cloob.load_model(ref(f"interop/{where}"))
+        model, info = cloob.load_model(ref(where))
         assert info["format"] == "huggingface" and not model.config.quick_gelu and model.config.vision_heads == 2
         assert peer_error(model, io) <= 1e-5
     # an older save: pytorch_model.bin with position_ids buffers
-    sd = cloob.read_safetensors(ref("interop/hf_tiny/model.safetensors"))
+    sd = cloob.read_safetensors(ref("hf_tiny/model.safetensors"))
     sd.update({f"{t}_model.embeddings.position_ids": torch.arange(n)[None] for t, n in (("text", 77), ("vision", 17))})
     torch.save(sd, tmp_path / "pytorch_model.bin")
-    (tmp_path / "config.json").write_text(open(ref("interop/hf_tiny/config.json")).read())
+    (tmp_path / "config.json").write_text(open(ref("hf_tiny/config.json")).read())
     assert peer_error(cloob.load_model(str(tmp_path))[0], io) <= 1e-5
 
 
 def test_safetensors_reader_matches_torch_load(tmp_path):
-    hub = ref("interop/openclip_hub_tiny")
+    hub = ref("openclip_hub_tiny")
     ours, theirs = cloob.read_safetensors(f"{hub}/open_clip_model.safetensors"), torch.load(f"{hub}/open_clip_pytorch_model.bin")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     tensors = {"a": torch.randn(3).half(), "b": torch.randn(2, 3), "c": torch.arange(5), "d": torch.randn(7).bfloat16()}
@@ -409,7 +396,7 @@ def one_line_error(fn, *args, **kwargs):
 @pytest.mark.parametrize("option,value", [("mlp_ratio", 4.9231), ("ls_init_value", 1e-5), ("hf_model_name", "roberta-base"),
                                           ("timm_model_name", "convnext_base"), ("pool_type", "avg"), ("new_option", 1)])
 def test_openclip_options_this_model_lacks_are_refused(option, value, tmp_path):
-    hub = ref("interop/openclip_hub_tiny")
+    hub = ref("openclip_hub_tiny")
     cfg = json.load(open(f"{hub}/open_clip_config.json"))
     cfg["model_cfg"]["vision_cfg"][option] = value
     (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
@@ -418,8 +405,8 @@ def test_openclip_options_this_model_lacks_are_refused(option, value, tmp_path):
 
 
 def test_huggingface_options_and_wrong_shapes_are_refused(tmp_path):
-    cfg = json.load(open(ref("interop/hf_tiny/config.json")))
-    os.symlink(ref("interop/hf_tiny/model.safetensors"), tmp_path / "model.safetensors")
+    cfg = json.load(open(ref("hf_tiny/config.json")))
+    os.symlink(ref("hf_tiny/model.safetensors"), tmp_path / "model.safetensors")
     for change in ({"model_type": "siglip"}, {"text_config": dict(cfg["text_config"], hidden_act="relu")}):
         (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **change)))
         assert "options this model does not have" in one_line_error(cloob.load_model, str(tmp_path))
@@ -471,11 +458,21 @@ def test_preprocess_resizes_shorter_side_and_centre_crops():
     assert np.allclose(out.numpy(), ((128 / 255 - data.MEAN) / data.STD)[:, None, None], atol=1e-6)
 
 
-def test_readme_example_classifies_with_openai_archive(tmp_path):
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    """A micro model with CLIP's vocabulary and context, saved as train.py does."""
+    torch.manual_seed(0)
+    model = cloob.CLIP(dataclasses.replace(MICRO, vocab_size=49408, context_length=77))
+    path = str(tmp_path_factory.mktemp("clip") / "micro.pt")
+    cloob.save_checkpoint(path, model, "clip", "clip")
+    return path
+
+
+def test_readme_example_classifies(clip_checkpoint, tmp_path):
     import data
     from PIL import Image
-    model, info = cloob.load_model(ref("tiny_vit_openai_jit.pt"))
-    tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length, bpe_path=ref("bpe_simple_vocab_16e6.txt.gz"))
+    model, info = cloob.load_model(clip_checkpoint)
+    tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
     Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
     image = data.preprocess(Image.open(tmp_path / "red.png"), model.config.image_resolution)[None]
     labels = ["a photo of a dog", "a photo of a cat", "a diagram"]
@@ -721,15 +718,15 @@ def test_zeroshot_batched_classifier_equals_direct_computation(eval_folder, tmp_
     assert result["per_class"] == pytest.approx({c: sum(v) / len(v) for c, v in per_class.items()})
 
 
-def test_zeroshot_openai_archive_through_the_cli(eval_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("CLOOB_BPE", ref("bpe_simple_vocab_16e6.txt.gz"))
-    (tmp_path / "names.txt").write_text("cross\tan x\nround_disc\ta circle\nsquare\ta box\n")
+def test_zeroshot_clip_tokenizer_checkpoint_through_the_cli(eval_folder, clip_checkpoint, tmp_path):
+    (tmp_path / "names.txt").write_text("an x\na circle\na box\n")
     out = tmp_path / "r.json"
-    result = subprocess.run([sys.executable, os.path.join(HERE, "zeroshot.py"), "--model", ref("tiny_vit_openai_jit.pt"),
+    result = subprocess.run([sys.executable, os.path.join(HERE, "zeroshot.py"), "--model", clip_checkpoint,
                              "--data", str(eval_folder / "images"), "--classnames", str(tmp_path / "names.txt"),
-                             "--workers", "0", "--output", str(out)], capture_output=True, text=True, timeout=120)
+                             "--workers", "0", "--output", str(out)], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, HOME=str(tmp_path)))
     assert result.returncode == 0, result.stderr
-    assert "openai-torchscript checkpoint, clip, clip tokenizer" in result.stderr
+    assert "cloob checkpoint, clip, clip tokenizer" in result.stderr
     assert "label: top-1" in result.stdout and "per-class top-1, worst first" in result.stdout
     r = json.loads(out.read_text())
     assert r["n"] == 21 and set(r["per_class"]) == {"an x", "a circle", "a box"} and 0 <= r["top1"] <= r["top5"] <= 1
@@ -1115,15 +1112,6 @@ def test_tar_sample_without_caption_is_a_missing_caption(tmp_path):
     assert list(data.tar_samples(str(tmp_path / "s.tar"))) == [(b"x", None), (None, b"caption")]
     with pytest.raises(ValueError, match="missing caption"):
         data.load_sample((io.BytesIO(b"x"), None, {}), None)
-
-
-def test_offline_tiktoken_encoding_is_a_one_line_error(monkeypatch):
-    import tiktoken
-
-    def offline(name):
-        raise ConnectionError("Max retries exceeded with url: https://openaipublic.blob.core.windows.net/...\nmore")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    assert "tokenizer 'cl100k_base': Max retries exceeded" in one_line_error(cloob.Tokenizer, "cl100k_base")
 
 
 def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys):

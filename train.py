@@ -53,7 +53,7 @@ def parse_args(argv=None):
     a("--model", choices=sorted(cloob.CONFIGS), help="preset (default: tiny-vit on synthetic data, else RN50)")
     a("--pretrained", help="start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, HF, CLOOB, ours)")
     a("--gelu", action="store_true", help="--pretrained is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
-    a("--tokenizer", help="clip | bytes | a tiktoken encoding (default: bytes on synthetic data, else clip)")
+    a("--tokenizer", choices=["clip", "bytes"], help="default: bytes on synthetic data, else clip")
     a("--init-inv-tau", type=POSITIVE, default=30.0, help="CLOOB's inverse temperature (fixed unless --learn-inv-tau)")
     a("--learn-inv-tau", action="store_true")
     a("--hopfield-beta", type=POSITIVE, default=8.0)
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     a("--beta2", type=FRACTION, help="default 0.98 ViT, 0.999 ResNet")
     a("--eps", type=POSITIVE, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
     a("--warmup", type=NATURAL, help="steps (default 20000; 500 on synthetic data)")
-    a("--lr-scheduler", choices=["cosine", "cosine-restarts", "const"])
+    a("--lr-scheduler", choices=["cosine", "cosine-restarts"])
     a("--restart-cycles", type=COUNT, default=10)
     a("--grad-clip-norm", type=POSITIVE)
     a("--accum-steps", type=COUNT, default=1, help="split each step's batch into K micro-batches with exact gradient "
@@ -116,11 +116,9 @@ def parse_args(argv=None):
 
 
 def get_lr(step, args, total):
-    """Linear warmup, then cosine to 0 (optionally restarted `restart_cycles` times) or constant."""
+    """Linear warmup, then cosine to 0 (optionally restarted `restart_cycles` times)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    if args.lr_scheduler == "const":
-        return args.lr
     progress = (step - args.warmup) / max(1, total - args.warmup)
     if args.lr_scheduler == "cosine-restarts":
         progress = (progress * args.restart_cycles) % 1.0

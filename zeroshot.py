@@ -183,15 +183,9 @@ def analyze(image_features, text_features):
 
 
 def read_classnames(path, folders):
-    """--classnames FILE: one name per line in sorted-folder order, or `folder<TAB>name` lines."""
+    """--classnames FILE: one name per line, in sorted-folder order."""
     with open(path, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
-    if lines and all("\t" in line for line in lines):
-        names = dict(line.split("\t", 1) for line in lines)
-        missing = [d for d in folders if d not in names]
-        if missing:
-            raise ValueError(f"{path}: no name for folder {missing[0]!r} ({len(missing)} of {len(folders)} missing)")
-        return [names[d] for d in folders]
+        lines = [line.strip() for line in f if line.strip()]
     if len(lines) != len(folders):
         raise ValueError(f"{path} has {len(lines)} class names but the data has {len(folders)} class folders")
     return lines
@@ -236,7 +230,7 @@ def parse_args(argv=None):
     a("--retrieval", help="CSV/TSV of images and captions: image<->text recall@1/5/10")
     a("--analyze", action="store_true", help="embedding analysis of --data or --retrieval")
     data.csv_arguments(p)
-    a("--classnames", help="FILE: one class name per line (sorted-folder order) or folder<TAB>name lines")
+    a("--classnames", help="FILE: one class name per line, in sorted-folder order")
     a("--templates", help="ensemble (CLIP's 7 ImageNet prompts; the folder default) | single | FILE")
     a("--batch-size", type=int, default=256)
     a("--workers", type=int, default=2)
