@@ -5,6 +5,7 @@ CLIP  (Radford et al. 2021): symmetric InfoNCE on the normalised features, learn
 CLOOB (Fürst et al. 2021): retrieve both modalities from modern Hopfield networks that store the batch,
        then apply InfoLOOB (InfoNCE with the positive left out of the denominator) to the retrievals.
 """
+import contextlib
 import functools
 import glob
 import gzip
@@ -152,11 +153,30 @@ class Tokenizer:
 # Towers. Modules batch-first ([B, L, D]); state_dict names and shapes are OpenAI's.
 
 
+@contextlib.contextmanager
+def frozen_batchnorm_statistics(module):
+    """BatchNorm layers (in train mode) normalise with the batch's statistics but leave their running statistics and
+    num_batches_tracked as they were: for forwards that a step repeats (checkpointing's recompute, gradient caching).
+    Momentum 0 keeps the computation (and what autograd saves) the same as an updating forward's."""
+    layers = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 def _run_blocks(tower, blocks, x, *args):
-    """Residual blocks in order; with tower.grad_checkpointing, activations are recomputed in backward."""
+    """Residual blocks in order; with tower.grad_checkpointing, activations are recomputed in backward (BatchNorm's
+    running statistics are updated by the first forward only)."""
     ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
     for block in blocks:
-        x = checkpoint(block, x, *args, use_reentrant=False) if ckpt else block(x, *args)
+        contexts = lambda: (contextlib.nullcontext(), frozen_batchnorm_statistics(block))  # forward, recompute
+        x = checkpoint(block, x, *args, use_reentrant=False, context_fn=contexts) if ckpt else block(x, *args)
     return x
 
 
@@ -393,6 +413,44 @@ class _AllGather(torch.autograd.Function):
         dist.all_reduce(grad)
         n = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over ranks. Every rank's loss depends on the sum, so the gradient of each rank's part is the sum of all
+    ranks' gradients of the total (DDP's mean over ranks then gives the full-batch gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduce.forward(ctx, grad)
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that normalises a training batch with the statistics of the global batch: each rank's per-channel
+    sums are all-reduced with gradient, so W ranks of n images compute what one process of W*n does. Works with any
+    backend (torch's SyncBatchNorm needs a GPU). train.py --sync-bn turns a ResNet's BatchNorm2d layers into this."""
+
+    def forward(self, x):  # [B, C, H, W]
+        if not (self.training and _distributed()):
+            return super().forward(x)
+        xf = x.float()
+        count = xf.new_tensor([x.numel() / x.shape[1]])
+        sums = _AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))  # [2C + 1]
+        n = sums[-1]
+        mean, mean_sq = sums[:-1].view(2, -1) / n  # [C] each
+        var = mean_sq - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
+        scale = self.weight * torch.rsqrt(var + self.eps)  # [C]
+        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
 def gather(x):

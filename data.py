@@ -16,7 +16,7 @@ from PIL import Image
 
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)  # CLIP's RGB normalisation
 STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder
 
 
 def to_tensor(pixels):
@@ -33,26 +33,43 @@ def to_rgb(image):
 
 
 def preprocess(image, resolution):
-    """CLIP's evaluation transform: RGB, shorter side to `resolution` (bicubic), centre crop, normalise."""
-    image = to_rgb(image)
+    """OpenAI's evaluation transform in its order: shorter side to `resolution` (bicubic; Pillow resizes palette images
+    with NEAREST and RGBA with premultiplied alpha, as there), centre crop, then RGB, normalise."""
     w, h = image.size
     if min(w, h) != resolution:  # as torchvision's Resize(int): the longer side is rounded down
         w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
         image = image.resize((w, h), Image.BICUBIC)
     left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-    return to_tensor(image.crop((left, top, left + resolution, top + resolution)))
+    return to_tensor(to_rgb(image.crop((left, top, left + resolution, top + resolution))))
 
 
-def random_resized_crop(image, resolution, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """CLIP's training transform (torchvision's RandomResizedCrop, with a crop too large for the image clamped to it
-    rather than drawn again): a random area fraction and aspect ratio, resized bicubic to [3, R, R]. `rng` is a numpy
-    Generator, so the crop is a function of its seed."""
-    image = to_rgb(image)
-    w, h = image.size
-    area, aspect = w * h * rng.uniform(*scale), math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    cw, ch = min(w, round(math.sqrt(area * aspect))), min(h, round(math.sqrt(area / aspect)))
-    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return to_tensor(image.resize((resolution, resolution), Image.BICUBIC, box=(left, top, left + cw, top + ch)))
+def crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params: up to 10 draws of an area fraction and a log-uniform aspect ratio
+    until the crop fits, else the central crop of the nearest allowed aspect ratio. -> (left, top, right, bottom)."""
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    w = round(height * ratio[1]) if width / height > ratio[1] else width
+    h = round(width / ratio[0]) if width / height < ratio[0] else height
+    return (width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h
+
+
+def random_resized_crop(image, resolution, rng):
+    """CLIP's training transform: a crop_box resized bicubic to [3, R, R]. `rng` is a numpy Generator, so the crop is a
+    function of its seed. A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps at
+    least R pixels across the crop (PIL's draft mode: several times faster on large photos)."""
+    width, height = image.size
+    box = crop_box(width, height, rng)
+    reduce = min(box[2] - box[0], box[3] - box[1]) // resolution
+    if reduce > 1 and image.format == "JPEG":
+        image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))  # any size at least this
+    sx, sy = image.size[0] / width, image.size[1] / height
+    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return to_tensor(to_rgb(image.resize((resolution, resolution), Image.BICUBIC, box=box)))
 
 # ---------------------------------------------------------------------------------------------------- synthetic
 
@@ -200,7 +217,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.items = [(path, i) for i, c in enumerate(self.classes) for path in find_images(os.path.join(root, c))]
         if not self.items:
-            raise ValueError(f"{root}: no images in class sub-folders")
+            raise ValueError(f"{root}: no images in class sub-folders (extensions: {' '.join(IMAGE_EXTS)})")
         empty = sorted(set(self.classes) - {self.classes[i] for _, i in self.items})
         if empty:
             print(f"{root}: {len(empty)} class folders without images (still candidate labels): {', '.join(empty[:9])}")
@@ -214,21 +231,16 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def find_images(folder):
-    found = (os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
+    found = (os.path.join(d, f) for d, _, files in os.walk(folder, followlinks=True) for f in files)
     return sorted(f for f in found if f.lower().endswith(IMAGE_EXTS))
 
 
-def open_image(path_or_file):
-    """PIL image, fully decoded now so that a corrupt file fails here, not later."""
-    image = Image.open(path_or_file)
-    image.load()
-    return image
-
-
 def load_sample(item, transform):
-    """(image tensor, caption) from an item (path or file; caption; labels), or ValueError naming why it is
-    unusable."""
+    """(transform(image), caption) from an item (image path or file; caption; labels), or a ValueError naming why it is
+    unusable. The transform gets the image opened but not decoded (a training crop may decode a JPEG reduced)."""
     image, caption, _ = item
+    if isinstance(image, str) and "://" in image:
+        raise ValueError("image is a URL (download the images first, e.g. with img2dataset)")
     if image is None:
         raise ValueError("missing image")
     if caption is None:
@@ -236,12 +248,16 @@ def load_sample(item, transform):
     if not caption.strip():
         raise ValueError("empty caption")
     try:
-        image = open_image(image)
+        with Image.open(image) as opened:
+            return transform(opened), caption
     except FileNotFoundError:
         raise ValueError("missing image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except IsADirectoryError:
+        raise ValueError("a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise ValueError("image too large (over Pillow's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except (OSError, SyntaxError, ValueError):
         raise ValueError("corrupt image") from None
-    return transform(image), caption
 
 
 class TrainSet(torch.utils.data.Dataset):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 
 import cloob
 
@@ -445,7 +446,6 @@ def test_encode_text_takes_tokens_shorter_than_the_context():
 
 def test_preprocess_resizes_shorter_side_and_centre_crops():
     import data
-    from PIL import Image
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)  # h=20, w=40: already the right short side
     out = data.preprocess(Image.fromarray(pixels), 20)
@@ -470,7 +470,6 @@ def clip_checkpoint(tmp_path_factory):
 
 def test_readme_example_classifies(clip_checkpoint, tmp_path):
     import data
-    from PIL import Image
     model, info = cloob.load_model(clip_checkpoint)
     tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
     Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
@@ -512,7 +511,6 @@ def write_images(folder, n, resolution=32, seed=0):
 
 
 def png(pixels):
-    from PIL import Image
     return Image.fromarray(pixels.round().astype(np.uint8))
 
 
@@ -708,7 +706,7 @@ def test_zeroshot_batched_classifier_equals_direct_computation(eval_folder, tmp_
         for label, folder in enumerate(["cross", "round_disc", "square"]):
             for f in sorted(os.listdir(eval_folder / "images" / folder)):
                 if f.endswith(".png"):
-                    image = data.preprocess(data.open_image(eval_folder / "images" / folder / f), 16)
+                    image = data.preprocess(Image.open(eval_folder / "images" / folder / f), 16)
                     scores = F.normalize(model.encode_image(image[None])[0], dim=-1) @ w.T
                     hits1 += scores.argmax().item() == label
                     per_class.setdefault(names[label], []).append(scores.argmax().item() == label)
@@ -741,7 +739,7 @@ def test_zeroshot_single_images(eval_folder, capsys):
     with torch.no_grad():
         y = F.normalize(model.encode_text(tok(["a cross", "a square", "a disc"])), dim=-1)
         for path in paths:
-            x = F.normalize(model.encode_image(data.preprocess(data.open_image(path), 16)[None]), dim=-1)
+            x = F.normalize(model.encode_image(data.preprocess(Image.open(path), 16)[None]), dim=-1)
             expected = dict(zip(["a cross", "a square", "a disc"], (30.0 * x @ y.T).softmax(-1)[0].tolist()))
             assert results[path] == pytest.approx(expected, rel=1e-5, abs=1e-7)
             assert list(results[path]) == sorted(expected, key=expected.get, reverse=True)  # best first
@@ -1094,10 +1092,9 @@ def test_csv_files_as_spreadsheets_write_them(tmp_path, capsys):
 
 
 def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
-    from PIL import Image
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "g16.png")
-    image = data.open_image(tmp_path / "g16.png")
+    image = Image.open(tmp_path / "g16.png")
     assert image.mode.startswith("I")
     grey = np.asarray(data.to_rgb(image))[..., 0].astype(float)
     assert np.abs(grey - ramp / 257).max() <= 0.5 and grey.mean() == pytest.approx(127.5, abs=1)

@@ -15,6 +15,7 @@ import resource
 import signal
 import statistics
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -77,6 +78,8 @@ def parse_args(argv=None):
     a("--accum-steps", type=COUNT, default=1, help="split each step's batch into K micro-batches with exact gradient "
       "caching: same gradient as the whole batch (negatives from all of it), activation memory of one micro-batch")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
+    a("--sync-bn", action="store_true", help="ResNets: BatchNorm statistics over the global batch (all ranks): "
+      "needed for the world-size invariance of a ResNet run")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--steps", type=COUNT, help="optimizer steps (default: from --epochs; 1000 on synthetic data; 20 with --bench)")
     a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
@@ -96,14 +99,11 @@ def parse_args(argv=None):
                     steps=20 if args.bench else 1000, workers=0) if synthetic else \
         dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, lr_scheduler="cosine-restarts",
              epochs=70, workers=2)
+    if args.pretrained:  # the architecture is the checkpoint's; the run is named after it
+        args.model = os.path.basename(os.path.normpath(args.pretrained)).split(".")[0]
     for k, v in defaults.items():
         if getattr(args, k) is None and not (k == "tokenizer" and args.pretrained):  # else: the checkpoint's
             setattr(args, k, v)
-    vit = isinstance(cloob.CONFIGS[args.model].vision_layers, int)
-    args.beta2 = args.beta2 or (0.98 if vit else 0.999)
-    # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of
-    # 1e-6 (OpenAI's for ViTs) would damp its Adam steps
-    args.eps = args.eps or (1e-6 if vit and args.method == "clip" else 1e-8)
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not (synthetic or args.train_data.endswith((".tar", ".csv", ".tsv"))):
@@ -143,7 +143,12 @@ def build_model(args, device):
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
     elif not args.pretrained:
         model.set_temperature(1 / 0.07, learnable=True)
-    return model.to(device), tokenizer
+    vit = isinstance(model.config.vision_layers, int)  # AdamW follows the model trained, preset or loaded
+    args.beta2 = args.beta2 or (0.98 if vit else 0.999)
+    # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of
+    # 1e-6 (OpenAI's for ViTs) would damp its Adam steps
+    args.eps = args.eps or (1e-6 if vit and args.method == "clip" else 1e-8)
+    return model.to(device).train(), tokenizer  # load_model gives eval mode
 
 
 def open_data(args, rank, world):
@@ -160,7 +165,7 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
     the dataset is one batch: tar shards stream them, the others are indexed by data.GlobalBatches."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
-              worker_init_fn=_ignore_stop_signals, persistent_workers=args.workers > 0,
+              worker_init_fn=_worker_signals, persistent_workers=args.workers > 0,
               pin_memory=torch.cuda.is_available())
     dataset.resolution = resolution  # images are made at the model's resolution
     if isinstance(dataset, data.TarShards):
@@ -177,9 +182,17 @@ def _tokenize(tokenizer, batch):  # in the loader workers
     return images, tokenizer(captions), skipped
 
 
-def _ignore_stop_signals(worker_id):  # loader workers: the main process handles SIGTERM/SIGUSR1 and ends them
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+def _worker_signals(worker_id):
+    """Loader workers leave a stop signal sent to the whole process group (SLURM, `timeout`, Ctrl-C) to the main
+    process, which finishes its step and saves; the main process's own SIGTERM (as at its exit) ends them at once."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent():
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass
+    os._exit(0)
 
 
 def setup_distributed():
@@ -282,10 +295,11 @@ def load_eval_sets(args, resolution, world):
     """-> (zero-shot tasks and a function giving this rank's batches, or None; the --val-data pairs, or None)."""
     zeroshot_set = val_set = None
     if args.zeroshot_data:  # task named after the folder; CLIP's 7 ImageNet templates, as zeroshot.py's default
-        folder = data.ImageFolder(args.zeroshot_data)
-        tasks = {os.path.basename(os.path.normpath(args.zeroshot_data)):
-                 ([c.replace("_", " ") for c in folder.classes], zeroshot.TEMPLATES["ensemble"])}
-        zeroshot_set = (tasks, lambda: zeroshot.loader(folder, resolution, args.batch_size, args.workers))
+        folder, name = data.ImageFolder(args.zeroshot_data), os.path.basename(os.path.normpath(args.zeroshot_data))
+        tasks = {name: ([c.replace("_", " ") for c in folder.classes], zeroshot.TEMPLATES["ensemble"])}
+        batches = lambda: ((images, captions, {name: labels["label"]}, skipped) for images, captions, labels, skipped
+                           in zeroshot.loader(folder, resolution, args.batch_size, args.workers))
+        zeroshot_set = (tasks, batches)
     elif args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
         zeroshot_set = (tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size))
@@ -301,7 +315,9 @@ def load_eval_sets(args, resolution, world):
 def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world):
     """Every rank evaluates its share and gets the same results. The validation loss is that of global
     batches of the training size (a contrastive loss depends on the batch size); recall is over the whole set."""
-    model = cloob.unwrap(model).eval()
+    model = cloob.unwrap(model)
+    was_training = model.training
+    model.eval()
     results = {}
     if zeroshot_set:
         for task, r in zeroshot.evaluate(model, tokenizer, zeroshot_set[0], zeroshot_set[1](), device).items():
@@ -316,7 +332,7 @@ def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
             dist.all_reduce(loss)
         results["val/loss"] = loss.item() / world
         results.update({f"val/{k}": v for k, v in zeroshot.retrieval_recall(x, y).items()})
-    model.train()
+    model.train(was_training)
     return results
 
 
@@ -339,6 +355,10 @@ def prepare(args, model, device, world):
     decay on tensors of >= 2 dims only, fused: one kernel, and it can skip a step on the device; GradScaler, active
     for fp16 only; the autocast context, or none for fp32)."""
     model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.sync_bn:  # the same parameters and buffers; statistics of the global batch
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.__class__ = cloob.SyncBatchNorm
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
         model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     params = [p for p in model.parameters() if p.requires_grad]
@@ -362,14 +382,15 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     By the chain rule the parameter gradient is the whole batch's; activations are those of one micro-batch.
     DDP is bypassed: the gradients are averaged over ranks once, at the end, as DDP would. -> the loss."""
     chunks = list(zip(images.chunk(args.accum_steps), tokens.chunk(args.accum_steps)))
-    with torch.no_grad(), ctx:
+    model = cloob.unwrap(net)
+    with torch.no_grad(), ctx, cloob.frozen_batchnorm_statistics(model):
         features = [net(i, t) for i, t in chunks]
     x = torch.cat([f[0] for f in features]).float().requires_grad_()  # [B, D]
     y = torch.cat([f[1] for f in features]).float().requires_grad_()
     loss = compute_loss(args, net, x, y)
     scaler.scale(loss).backward()  # -> x.grad, y.grad [B, D] (scaled like the loss under fp16)
-    for (i, t), gx, gy in zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps)):
-        with ctx:
+    for k, ((i, t), gx, gy) in enumerate(zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps))):
+        with ctx, (cloob.frozen_batchnorm_statistics(model) if k else nullcontext()):  # running statistics: once
             xk, yk = net(i, t)
         torch.autograd.backward([xk, yk], [gx.to(xk.dtype), gy.to(yk.dtype)])
     if world > 1:  # one flat all-reduce (gloo has no AVG)
@@ -408,9 +429,9 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     else:
         optimizer.found_inf = 1 - finite  # fused AdamW leaves weights and moments untouched when this is 1
         optimizer.step()
-    if args.method == "clip":
+    if model.logit_scale.requires_grad:  # CLIP's and CLOOB's (official code) clamp: 1/T in [1, 100]
         with torch.no_grad():
-            model.logit_scale.clamp_(max=math.log(100))
+            model.logit_scale.clamp_(0, math.log(100))
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), finite
 
@@ -473,7 +494,8 @@ def bench(args, model, device, world):
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # cluster preemption; SLURM's --signal sends SIGUSR1 ahead of time
+# cluster preemption (SLURM's --signal sends SIGUSR1 ahead of time) and Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 RECEIVED = []  # stop signals this process got
 
 
@@ -535,8 +557,18 @@ def train(args, rank, world, device):
         stop = torch.tensor(float(bool(RECEIVED)))
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
-        if (done % args.save_every == 0 or done == total or stop) and rank == 0:
+        save_now = done % args.save_every == 0 or done == total or stop
+        evaluate_now = (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total
+        if world > 1 and (save_now or evaluate_now):  # without --sync-bn, each rank's BatchNorm statistics drift
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        if save_now and rank == 0:
             last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
+        if evaluate_now:  # also at a stop: the resumed run starts after this step
+            results = evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
+            if results:
+                line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+                log(run_dir, rank, {"step": done, **results}, line)
         if stop and done < total:
             number = (RECEIVED or [signal.SIGTERM])[0]
             print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue "
@@ -544,11 +576,6 @@ def train(args, rank, world, device):
             if world > 1:
                 dist.barrier(group=stop_group)  # every rank exits after rank 0 has saved
             return 128 + number
-        if (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total:
-            results = evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
-            if results:
-                line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
-                log(run_dir, rank, {"step": done, **results}, line)
     print0(rank, f"done: checkpoints and metrics.jsonl in {run_dir}")
     return 0
 
