@@ -1127,3 +1127,96 @@ def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys):
     with pytest.raises(SystemExit):
         zeroshot.main(["--model", str(eval_folder / "run"), "--image", "x.png", "--labels", ",, ,"])
     assert "zeroshot.py: error: --labels ',, ,' names no label" in capsys.readouterr().err
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning, BatchNorm
+
+
+def test_fine_tuning_a_resnet_trains_in_train_mode_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    cloob.save_checkpoint(str(tmp_path / "rn.pt"), cloob.CLIP(cloob.CONFIGS["tiny-rn"]), "bytes", "cloob")
+    common = [*FAST, "--pretrained", str(tmp_path / "rn.pt"), "--batch-size", "4", "--logs-dir", str(tmp_path)]
+    train.main([*common, "--steps", "4", "--name", "straight"])
+    train.main([*common, "--steps", "2", "--name", "resumed"])
+    train.main([*common, "--steps", "4", "--name", "resumed", "--resume", "latest"])
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert a["state_dict"]["visual.bn1.num_batches_tracked"] == 4  # BatchNorm live from the first step
+    for k in a["state_dict"]:
+        assert torch.allclose(a["state_dict"][k].float(), b["state_dict"][k].float(), atol=1e-6), k
+
+
+@pytest.mark.parametrize("preset,method,beta2,eps", [("tiny-vit", "clip", 0.98, 1e-6), ("tiny-rn", "clip", 0.999, 1e-8),
+                                                     ("tiny-vit", "cloob", 0.98, 1e-8)])
+def test_adamw_defaults_and_run_name_follow_the_loaded_model(preset, method, beta2, eps, tmp_path):
+    cloob.save_checkpoint(str(tmp_path / "model.pt"), cloob.CLIP(cloob.CONFIGS[preset]), "bytes", "clip")
+    args = train.parse_args(["--pretrained", str(tmp_path / "model.pt"), "--method", method])
+    model, _ = train.build_model(args, torch.device("cpu"))
+    assert (args.beta2, args.eps) == (beta2, eps) and args.name.startswith(f"{method}-model-") and model.training
+
+
+def test_learnable_cloob_temperature_is_clamped(tmp_path):
+    train.main([*FAST, "--batch-size", "8", "--steps", "4", "--learn-inv-tau", "--init-inv-tau", "99.9", "--lr", "0.05",
+                "--logs-dir", str(tmp_path), "--name", "t"])
+    inv_tau = [e["inv_temperature"] for e in metrics(tmp_path / "t") if "loss" in e]
+    assert max(inv_tau) <= 100 + 1e-4 and inv_tau[-1] == pytest.approx(100, abs=1e-3)  # it grows, up to the clamp
+
+
+def test_sync_bn_makes_two_resnet_ranks_reproduce_one_process(tmp_path):
+    common = [*FAST, "--model", "tiny-rn", "--steps", "3", "--logs-dir", str(tmp_path), "--seed", "1"]
+    train.main([*common, "--batch-size", "8", "--name", "one"])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--name", "two", "--sync-bn"],
+                   check=True, capture_output=True, cwd=HERE, timeout=120)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    a, b = final_weights(tmp_path / "one")["state_dict"], final_weights(tmp_path / "two")["state_dict"]
+    for k in ("visual.bn1.running_mean", "visual.layer4.0.bn3.running_var", "visual.attnpool.c_proj.weight"):
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+@pytest.mark.parametrize("flags", [["--accum-steps", "4"], ["--grad-checkpointing"]])
+def test_one_step_updates_batchnorm_statistics_once(flags):
+    args = train.parse_args(["--model", "tiny-rn", "--batch-size", "8", *flags])
+    model, _ = train.build_model(args, torch.device("cpu"))
+    net, optimizer, scaler, ctx = train.prepare(args, model, torch.device("cpu"), 1)
+    images, tokens = torch.randn(8, 3, 64, 64), torch.randint(0, 256, (8, 48))
+    tokens[:, 20] = 257
+    train.train_step(args, model, net, optimizer, scaler, ctx, images, tokens, 1)
+    counts = {k: v.item() for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert len(counts) > 10 and set(counts.values()) == {1}
+
+
+def test_training_crop_is_torchvisions_random_resized_crop():
+    rng = np.random.default_rng(0)
+    boxes = [data.crop_box(200, 200, rng) for _ in range(4000)]
+    covered = [(r - l) * (b - t) / 200 ** 2 for l, t, r, b in boxes]
+    assert np.mean([c >= 0.9 for c in covered]) >= 0.99 and all(c <= 1 for c in covered)
+    aspect = np.abs(np.log([(r - l) / (b - t) for l, t, r, b in boxes]))
+    assert aspect.mean() < 0.05  # square crops of 0.9-1.0 of a square image only fit near aspect 1
+    assert data.crop_box(400, 40, np.random.default_rng(0)) == (173, 0, 226, 40)  # the fallback: centre, aspect 4/3
+
+
+def test_zeroshot_data_flag_evaluates_a_folder_during_training(eval_folder, tmp_path):
+    train.main([*FAST, "--batch-size", "4", "--steps", "2", "--zeroshot-every", "1", "--logs-dir", str(tmp_path),
+                "--name", "zs", "--zeroshot-data", str(eval_folder / "images")])
+    scores = [e["zeroshot/images/top1"] for e in metrics(tmp_path / "zs") if "zeroshot/images/top1" in e]
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+
+
+def test_a_data_error_in_a_loader_worker_ends_the_run_promptly(tmp_path):
+    (tmp_path / "urls.csv").write_text("filepath,title\n" + "".join(f"https://example.com/{i}.jpg,a cat\n" for i in range(8)))
+    t0 = time.time()
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--train-data", str(tmp_path / "urls.csv"),
+                             "--workers", "1", "--batch-size", "4", "--tokenizer", "bytes", "--model", "tiny-vit",
+                             "--logs-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and time.time() - t0 < 60, result.stderr
+    assert "image is a URL (download the images first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_finishes_the_step_and_saves(tmp_path):
+    run = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *FAST, "--batch-size", "4", "--steps", "300",
+                            "--logs-dir", str(tmp_path), "--name", "c", "--workers", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_steps(tmp_path / "c", 2, run)
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "stopped by SIGINT after step" in out and "Traceback" not in err, err
+    assert len(cloob.checkpoints(str(tmp_path / "c"))) == 1
