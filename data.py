@@ -175,8 +175,8 @@ def csv_arguments(parser):
 
 
 class CsvCaptions(torch.utils.data.Dataset):
-    """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (image path, caption, {});
-    a row without the field gives None there (the sample is skipped and counted)."""
+    """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (image path, caption,
+    {"image": id of the row's image}); a row without the field gives None there (the sample is skipped and counted)."""
 
     def __init__(self, path, img_key="filepath", caption_key="title", separator=None):
         if not os.path.isfile(path):
@@ -198,13 +198,15 @@ class CsvCaptions(torch.utils.data.Dataset):
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")
         self.root = os.path.dirname(os.path.abspath(path))
+        images = {}  # rows that name the same image share its id (several captions per image)
+        self.image_ids = [images.setdefault(image, len(images)) for image, _ in self.rows]
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, idx):
         path, caption = self.rows[idx]
-        return path and os.path.join(self.root, path), caption, {}
+        return path and os.path.join(self.root, path), caption, {"image": self.image_ids[idx]}
 
 
 class ImageFolder(torch.utils.data.Dataset):

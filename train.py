@@ -60,7 +60,6 @@ def parse_args(argv=None):
     a("--hopfield-beta", type=POSITIVE, default=8.0)
     a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar'")
     a("--train-num-samples", type=COUNT, help="samples per epoch (needed for tar shards)")
-    a("--val-data", help="CSV/TSV: validation loss and image<->text recall@1/5/10")
     data.csv_arguments(p)
     a("--workers", type=NATURAL, help="data-loading processes per rank (default 0 on synthetic data, else 2)")
     a("--zeroshot-data", help="image folder (one sub-folder per class); default on synthetic data: held-out set")
@@ -291,49 +290,28 @@ def compute_loss(args, model, x, y):
     return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
 
 
-def load_eval_sets(args, resolution, world):
-    """-> (zero-shot tasks and a function giving this rank's batches, or None; the --val-data pairs, or None)."""
-    zeroshot_set = val_set = None
-    if args.zeroshot_data:  # task named after the folder; CLIP's 7 ImageNet templates, as zeroshot.py's default
+def zeroshot_tasks(args, resolution):
+    """-> (zero-shot tasks, a function giving this rank's batches of them), or None: --zeroshot-data (named after the
+    folder; CLIP's 7 ImageNet templates, as zeroshot.py's default) or, on synthetic data, the held-out benchmark."""
+    if args.zeroshot_data:
         folder, name = data.ImageFolder(args.zeroshot_data), os.path.basename(os.path.normpath(args.zeroshot_data))
         tasks = {name: ([c.replace("_", " ") for c in folder.classes], zeroshot.TEMPLATES["ensemble"])}
-        batches = lambda: ((images, captions, {name: labels["label"]}, skipped) for images, captions, labels, skipped
-                           in zeroshot.loader(folder, resolution, args.batch_size, args.workers))
-        zeroshot_set = (tasks, batches)
-    elif args.train_data == "synthetic":
+        return tasks, lambda: ((images, captions, {name: labels["label"]}, skipped) for images, captions, labels, skipped
+                               in zeroshot.loader(folder, resolution, args.batch_size, args.workers))
+    if args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
-        zeroshot_set = (tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size))
-    if args.val_data:
-        val_set = data.CsvCaptions(args.val_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-        if len(val_set) < args.batch_size * world:
-            raise ValueError(f"--val-data has {len(val_set)} rows, fewer than one global batch "
-                             f"({args.batch_size * world})")
-    return zeroshot_set, val_set
+        return tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size)
+    return None
 
 
 @torch.no_grad()
-def evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world):
-    """Every rank evaluates its share and gets the same results. The validation loss is that of global
-    batches of the training size (a contrastive loss depends on the batch size); recall is over the whole set."""
+def evaluate(model, tokenizer, device, tasks):
+    """Zero-shot top-1 of each task: every rank evaluates its share of the images and gets the same results."""
     model = cloob.unwrap(model)
     was_training = model.training
-    model.eval()
-    results = {}
-    if zeroshot_set:
-        for task, r in zeroshot.evaluate(model, tokenizer, zeroshot_set[0], zeroshot_set[1](), device).items():
-            results[f"zeroshot/{task}/top1"] = r["top1"]
-    if val_set:  # every rank encodes all pairs, then computes its rows of each global batch
-        x, y, _ = zeroshot.pair_features(model, tokenizer, val_set, device, args.batch_size, args.workers, shard=False)
-        n = args.batch_size
-        losses = [compute_loss(args, model, x[i + rank * n:i + rank * n + n], y[i + rank * n:i + rank * n + n])
-                  for i in range(0, len(x) - n * world + 1, n * world)]
-        loss = torch.stack(losses).mean() if losses else torch.tensor(math.nan, device=device)
-        if world > 1:
-            dist.all_reduce(loss)
-        results["val/loss"] = loss.item() / world
-        results.update({f"val/{k}": v for k, v in zeroshot.retrieval_recall(x, y).items()})
+    results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device) if tasks else {}
     model.train(was_training)
-    return results
+    return {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
 
 
 def print0(rank, line):
@@ -511,7 +489,7 @@ def train(args, rank, world, device):
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:
         raise ValueError(f"{run_dir} is already at step {start} of {total}: nothing to train (raise --steps)")
-    zeroshot_set, val_set = load_eval_sets(args, resolution, world)
+    tasks = zeroshot_tasks(args, resolution)
     if rank == 0:
         open_run_dir(args, run_dir, start, total, world)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -565,7 +543,7 @@ def train(args, rank, world, device):
         if save_now and rank == 0:
             last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
         if evaluate_now:  # also at a stop: the resumed run starts after this step
-            results = evaluate(args, model, tokenizer, device, zeroshot_set, val_set, rank, world)
+            results = evaluate(model, tokenizer, device, tasks)
             if results:
                 line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
                 log(run_dir, rank, {"step": done, **results}, line)

@@ -9,6 +9,7 @@ train.py's periodic zero-shot evaluation calls evaluate() below."""
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 import time
@@ -28,21 +29,25 @@ TEMPLATES = {  # CLIP's 7-template ImageNet ensemble, and its single prompt
 
 
 @torch.no_grad()
-def classifier(model, tokenizer, classnames, templates, device="cpu"):
+def classifier(model, tokenizer, classnames, templates, device="cpu", batch_size=256):
     """[D, C] weights: for each class, encode every template filled with its name, L2-normalise, average,
-    renormalise (CLIP's prompt ensembling)."""
-    tokens = tokenizer([t.replace("{}", c) for c in classnames for t in templates]).to(device)
-    features = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(classnames), len(templates), -1)
-    return F.normalize(features.mean(dim=1), dim=-1).T
+    renormalise (CLIP's prompt ensembling). About batch_size prompts at a time: memory does not grow with C."""
+    step, weights = max(1, batch_size // len(templates)), []
+    for i in range(0, len(classnames), step):
+        names = classnames[i:i + step]
+        tokens = tokenizer([t.replace("{}", c) for c in names for t in templates]).to(device)
+        features = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(names), len(templates), -1)
+        weights.append(F.normalize(features.mean(dim=1), dim=-1))  # [classes, D]
+    return torch.cat(weights).T
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None):
+def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None, batch_size=256):
     """Zero-shot classification. tasks: {name: (classnames, templates)}; batches: iterable of (images [B, 3, R, R],
     captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
     tensor_batches(). Under torch.distributed each rank passes its own share of the images and all get the
     totals. -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
-    weights = {name: classifier(model, tokenizer, *task, device) for name, task in tasks.items()}
+    weights = {name: classifier(model, tokenizer, *task, device, batch_size) for name, task in tasks.items()}
     # per task and class: top-1 hits, top-5 hits, images
     counts = {name: torch.zeros(3, len(task[0]), dtype=torch.float64, device=device) for name, task in tasks.items()}
     skipped = torch.zeros((), dtype=torch.float64, device=device)
@@ -119,22 +124,23 @@ def _collate(batch):
     return images, [b[1] for b in ok], labels, collections.Counter(b[3] for b in batch if b[0] is None)
 
 
-def loader(dataset, resolution, batch_size=256, workers=2, shard=True):
+def loader(dataset, resolution, batch_size=256, workers=2):
     """Batches (images [B, 3, R, R], captions, labels {name: [B]}, skipped Counter) of a folder or CSV dataset (this
-    rank's share, unless shard=False), read by `workers` processes; unusable items are left out and counted."""
-    rows = range(len(dataset))[_shard(len(dataset)) if shard else slice(None)]
+    rank's share), read by `workers` processes; unusable items are left out and counted."""
+    rows = range(len(dataset))[_shard(len(dataset))]
     part = torch.utils.data.Subset(Samples(dataset, resolution), rows)
     return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                        pin_memory=torch.cuda.is_available())
 
 
 @torch.no_grad()
-def pair_features(model, tokenizer, dataset, device="cpu", batch_size=256, workers=2, weights=None, shard=True):
-    """-> (image features [N, D], text features [N, D], skipped Counter), L2-normalised, of a CSV's image/caption
-    pairs, or of a folder's images each paired with its class's column of classifier `weights`."""
-    xs, ys, skipped = [], [], collections.Counter()
-    batches = loader(dataset, model.config.image_resolution, batch_size, workers, shard)
-    for images, captions, labels, batch_skipped in batches:
+def pair_features(model, tokenizer, dataset, device="cpu", batch_size=256, workers=2, weights=None):
+    """-> (image features [N, D], text features [N, D], labels {name: [N]}, skipped Counter), L2-normalised, of a CSV's
+    image/caption pairs (labels: "image", the row's image), or of a folder's images each paired with its class's
+    column of classifier `weights` (labels: "label")."""
+    xs, ys, labels, skipped = [], [], collections.defaultdict(list), collections.Counter()
+    for images, captions, batch_labels, batch_skipped in loader(dataset, model.config.image_resolution, batch_size,
+                                                                workers):
         skipped += batch_skipped
         if not len(images):
             continue
@@ -142,25 +148,37 @@ def pair_features(model, tokenizer, dataset, device="cpu", batch_size=256, worke
         if weights is None:
             ys.append(F.normalize(model.encode_text(tokenizer(captions).to(device)).float(), dim=-1))
         else:
-            ys.append(weights.T[labels["label"].to(device)])
-    return torch.cat(xs) if xs else torch.empty(0), torch.cat(ys) if ys else torch.empty(0), skipped
+            ys.append(weights.T[batch_labels["label"].to(device)])
+        for k, v in batch_labels.items():
+            labels[k].append(v)
+    if not xs:
+        raise ValueError(f"no usable image ({dict(skipped)})")
+    return torch.cat(xs), torch.cat(ys), {k: torch.cat(v) for k, v in labels.items()}, skipped
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 
 
-def retrieval_recall(image_features, text_features, ks=(1, 5, 10), chunk=4096):
-    """Image->text and text->image recall@k for matched rows of two normalised [N, D] feature sets. The rank of
-    a match is the number of candidates scoring strictly higher; rows are scored in chunks (memory chunk x N)."""
-    out = {}
-    for direction, (queries, keys) in (("image_to_text", (image_features, text_features)),
-                                       ("text_to_image", (text_features, image_features))):
-        ranks = []
-        for i in range(0, len(queries), chunk):
-            scores = queries[i:i + chunk] @ keys.T  # [c, N]
-            matched = scores.diagonal(offset=i)[:, None]  # row j's match is column i + j
-            ranks.append((scores > matched).sum(-1))
-        ranks = torch.cat(ranks)
-        out.update({f"{direction}_R@{k}": (ranks < k).float().mean().item() for k in ks})
+def retrieval_recall(image_features, text_features, image_ids, ks=(1, 5, 10), chunk=4096):
+    """The standard (COCO, Flickr30k) protocol: rows are captions, image_ids [N] says whose (rows of one image share
+    it). Image->text: each image is a hit at k when any of its captions is in its top k; text->image ranks the unique
+    images. A rank is the number of candidates scoring strictly higher (from one matmul: no float noise)."""
+    ids, row_image = torch.unique(image_ids, return_inverse=True)  # row_image [N]: index into the M unique images
+    rows = torch.arange(len(row_image))
+    first = torch.full((len(ids),), len(rows)).scatter_reduce(0, row_image, rows, "amin")  # a row of each image
+    images = image_features[first]  # [M, D]
+    ranks = {"image_to_text": [], "text_to_image": []}
+    for i in range(0, len(images), chunk):
+        scores = images[i:i + chunk] @ text_features.T  # [c, N]
+        own = row_image[None, :] == torch.arange(i, i + len(scores))[:, None]  # [c, N]: its captions
+        best = scores.masked_fill(~own, -math.inf).amax(dim=-1, keepdim=True)  # [c, 1]
+        ranks["image_to_text"].append((scores > best).sum(-1))
+    for i in range(0, len(text_features), chunk):
+        scores = text_features[i:i + chunk] @ images.T  # [c, M]
+        matched = scores.gather(1, row_image[i:i + chunk, None])  # [c, 1]
+        ranks["text_to_image"].append((scores > matched).sum(-1))
+    out = dict(images=len(images), captions=len(rows))
+    for direction, r in ranks.items():
+        out.update({f"{direction}_R@{k}": (torch.cat(r) < k).float().mean().item() for k in ks})
     return out
 
 
@@ -172,12 +190,12 @@ def effective_rank(features, explained=0.99):
 
 
 def analyze(image_features, text_features):
-    """Embedding structure of matched pairs (row i of each): effective ranks and matched/unmatched cosines."""
-    cos = image_features.double() @ text_features.double().T  # [N, N]
-    n = len(cos)
-    return dict(image_eigenvalues_99=effective_rank(image_features), text_eigenvalues_99=effective_rank(text_features),
-                dim=image_features.shape[1], n=n, matched_cosine=cos.diag().mean().item(),
-                unmatched_cosine=((cos.sum() - cos.diag().sum()) / max(n * n - n, 1)).item())
+    """Embedding structure of matched pairs (row i of each): effective ranks and matched/unmatched cosines, in memory
+    N x D (the sum of all N^2 cosines is the dot product of the two feature sums)."""
+    x, y, n = image_features.double(), text_features.double(), len(image_features)
+    matched = (x * y).sum()
+    return dict(image_eigenvalues_99=effective_rank(x), text_eigenvalues_99=effective_rank(y), dim=x.shape[1], n=n,
+                matched_cosine=matched.item() / n, unmatched_cosine=((x.sum(0) @ y.sum(0) - matched) / (n * n - n)).item())
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
@@ -226,7 +244,7 @@ def parse_args(argv=None):
     a("--gelu", action="store_true", help="--model is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
     a("--data", help="image folder with one sub-folder per class, or 'synthetic' (the built-in held-out benchmark)")
     a("--image", nargs="+", help="classify these images against --labels")
-    a("--labels", help="comma-separated labels for --image")
+    a("--labels", help="labels for --image: comma-separated, or a FILE with one label a line")
     a("--retrieval", help="CSV/TSV of images and captions: image<->text recall@1/5/10")
     a("--analyze", action="store_true", help="embedding analysis of --data or --retrieval")
     data.csv_arguments(p)
@@ -248,13 +266,19 @@ def parse_args(argv=None):
 
 def classify_images(args, model, tokenizer):
     """The classic CLIP demo: softmax over the labels of logit_scale x cosine, per image."""
-    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if os.path.isfile(args.labels):
+        with open(args.labels, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+    else:
+        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     if not labels:
         raise ValueError(f"--labels {args.labels!r} names no label")
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--labels: {sorted({x for x in labels if labels.count(x) > 1})} given more than once")
     w = classifier(model, tokenizer, labels, read_templates(args.templates) if args.templates else ("{}",), args.device)
     results = {}
     for path in args.image:
-        try:  # "missing image" or "corrupt image"
+        try:  # missing, corrupt, too large, a directory
             image, _ = data.load_sample((path, "-", {}), lambda im: data.preprocess(im, model.config.image_resolution))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
@@ -275,7 +299,7 @@ def classify_folder(args, model, tokenizer, folder):
         tasks = {"label": class_task(args, folder)}
         batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
-    results = evaluate(model, tokenizer, tasks, batches, args.device, progress(n))
+    results = evaluate(model, tokenizer, tasks, batches, args.device, progress(n), args.batch_size)
     for name, r in results.items():
         top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
         print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
@@ -297,10 +321,8 @@ def class_task(args, folder):
 def compare_pairs(args, model, tokenizer, folder):
     """--retrieval (a CSV's image/caption pairs) or --analyze (those, or a folder's images with their class's text)."""
     dataset = folder or data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    weights = classifier(model, tokenizer, *class_task(args, folder), args.device) if folder else None
-    x, y, skipped = pair_features(model, tokenizer, dataset, args.device, args.batch_size, args.workers, weights)
-    if len(x) < 2:
-        raise ValueError(f"{args.retrieval or args.data}: {len(x)} usable images; need at least 2 ({dict(skipped)})")
+    weights = classifier(model, tokenizer, *class_task(args, folder), args.device, args.batch_size) if folder else None
+    x, y, labels, skipped = pair_features(model, tokenizer, dataset, args.device, args.batch_size, args.workers, weights)
     note = f"; skipped {dict(skipped)}" if skipped else ""
     if args.analyze:
         r = dict(analyze(x.cpu(), y.cpu()), skipped=dict(skipped))
@@ -308,13 +330,21 @@ def compare_pairs(args, model, tokenizer, folder):
               f"{r['image_eigenvalues_99']}, texts {r['text_eigenvalues_99']}; mean cosine matched "
               f"{r['matched_cosine']:.3f}, unmatched {r['unmatched_cosine']:.3f}{note}")
         return r
-    r = dict(retrieval_recall(x, y), n=len(x), skipped=dict(skipped))
-    print(f"{len(x)} pairs: " + "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
+    r = dict(retrieval_recall(x, y, labels["image"].to(x.device)), skipped=dict(skipped))
+    if r["images"] < 2:
+        raise ValueError(f"{args.retrieval}: {r['images']} usable image; retrieval needs at least 2{note}")
+    print(f"{r['images']} images, {r['captions']} captions: " +
+          "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
     return r
 
 
 @torch.no_grad()
 def run(args):
+    if args.output:  # before any work: a path that cannot be written is a one-line error now, not after the run
+        try:
+            open(args.output, "a").close()
+        except OSError as e:
+            raise ValueError(f"--output {args.output}: {e.strerror}") from None
     model, info = cloob.load_model(args.model, **(dict(quick_gelu=False) if args.gelu else {}))
     tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
     print(f"{args.model}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "

@@ -23,7 +23,8 @@ import warnings
 import torch
 
 warnings.filterwarnings("ignore")
-import clip.model  # noqa: E402  openai-clip 1.0.1: OpenAI's clip/model.py and simple_tokenizer.py
+import clip.clip  # noqa: E402  openai-clip 1.0.1: OpenAI's clip.py, model.py and simple_tokenizer.py
+import clip.model  # noqa: E402
 import clip.simple_tokenizer  # noqa: E402
 import open_clip  # noqa: E402
 import transformers  # noqa: E402
@@ -168,6 +169,26 @@ def losses():
     torch.save(d, out("losses.pt"))
 
 
+def transform_cases():
+    """OpenAI's evaluation transform (clip.clip._transform, torchvision) on images of the modes where the order of its
+    steps shows (palette, RGBA, LA, CMYK), saved as files: {name: (file bytes as uint8, expected [3, 16, 16])}."""
+    import io
+    import numpy as np
+    from PIL import Image
+    g = np.random.default_rng(0)
+    rgba = Image.fromarray(g.integers(0, 256, (30, 41, 4), dtype=np.uint8), "RGBA")
+    images = {"palette.png": rgba.convert("RGB").quantize(16), "rgba.png": rgba, "la.png": rgba.convert("LA"),
+              "cmyk.jpg": rgba.convert("CMYK"), "palette.gif": rgba.convert("RGB").quantize(8)}
+    cases = {}
+    for name, image in images.items():
+        buffer = io.BytesIO()
+        image.save(buffer, format=name.split(".")[1].replace("jpg", "jpeg"))
+        with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+            expected = clip.clip._transform(16)(decoded)
+        cases[name] = (torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), expected)
+    torch.save(cases, out("transform_cases.pt"))
+
+
 class NoTokenizer:  # the folder for a model with OpenCLIP's own tokenizer has no tokenizer files
     def save_pretrained(self, directory):
         pass
@@ -214,6 +235,7 @@ if __name__ == "__main__":
     openai_models()
     state_dict_listings()
     losses()
+    transform_cases()
     openclip_model()
     huggingface_model()
     print("written:", sorted(os.listdir(HERE)))
