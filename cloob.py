@@ -656,7 +656,8 @@ def _read(path):
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if "config" in ckpt:  # ours (before the weights moved to "state_dict" they were under "model")
-        info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
+        info = dict(method="clip", tokenizer="clip")  # a hand-made file may say no more than its weights and config
+        info.update({k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt})
         info.update(format="cloob", config=ModelConfig(**ckpt["config"]))
         return ckpt.get("state_dict", ckpt.get("model")), info
     sd = ckpt.get("state_dict", ckpt)

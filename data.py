@@ -189,12 +189,21 @@ class CsvCaptions(torch.utils.data.Dataset):
             line = raw[:e.start].count(b"\n") + 1
             raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
         separator = separator or ("\t" if path.endswith(".tsv") else ",")
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
-        missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r} (columns: {reader.fieldnames}); "
+        # tab-separated lines carry quotes as text (CC3M's captions do); a CSV's fields may be quoted
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator,
+                                quoting=csv.QUOTE_NONE if separator == "\t" else csv.QUOTE_MINIMAL)
+        columns = reader.fieldnames or []
+        missing = [k for k in (img_key, caption_key) if k not in columns]
+        if missing or len(set(columns)) < len(columns):
+            problem = f"no column {missing[0]!r}" if missing else f"a column named twice ({columns})"
+            raise ValueError(f"{path}: {problem} (columns: {columns}); "
                              f"set --csv-img-key / --csv-caption-key / --csv-separator")
-        self.rows = [(row[img_key], row[caption_key]) for row in reader]
+        self.rows = []
+        for row in reader:
+            if any("\n" in (row[k] or "") or "\r" in (row[k] or "") for k in (img_key, caption_key)):
+                raise ValueError(f"{path}, line {reader.line_num}: a field runs over several lines (a quote that does "
+                                 f"not close?)")
+            self.rows.append((row[img_key], row[caption_key]))
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")
         self.root = os.path.dirname(os.path.abspath(path))
@@ -327,13 +336,16 @@ def expand_braces(pattern):
     if not m:
         return [pattern]
     lo, hi = m.group(1), m.group(2)
+    if int(lo) > int(hi):
+        raise ValueError(f"{pattern}: the brace range {m.group()} is empty (first > last)")
     return [p for i in range(int(lo), int(hi) + 1)
             for p in expand_braces(pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])]
 
 
 def tar_samples(path):
     """(image file bytes, caption) of each sample of a webdataset-style shard: members KEY.jpg|png|webp and KEY.txt,
-    adjacent. A sample missing its image or caption has None in that place. Raises tarfile.TarError (or EOFError,
+    adjacent; a repeated member starts a new sample (as webdataset). A sample missing its image or caption has None
+    in that place. Raises tarfile.TarError (or EOFError,
     zlib.error) where the shard is damaged: truncated (tarfile itself takes a cut at a member boundary for the end),
     not a tar, empty."""
     group, key = {}, None
@@ -342,12 +354,13 @@ def tar_samples(path):
             if not member.isfile():
                 continue
             stem, ext = os.path.splitext(member.name)
-            if stem != key and group:
+            kind = "txt" if ext.lower() == ".txt" else "image" if ext.lower() in IMAGE_EXTS else None
+            if (stem != key or kind in group) and group:
                 yield group.get("image"), group.get("txt")
                 group = {}
-            key, ext = stem, ext.lower()
-            if ext in IMAGE_EXTS or ext == ".txt":
-                group["image" if ext != ".txt" else "txt"] = tar.extractfile(member).read()
+            key = stem
+            if kind:
+                group[kind] = tar.extractfile(member).read()
         if group:
             yield group.get("image"), group.get("txt")
         if path.endswith(".tar") and os.path.getsize(path) < tar.offset + 1024:  # no end-of-archive blocks: cut short
@@ -384,8 +397,10 @@ class TarShards(torch.utils.data.IterableDataset):
         step, skip = self.start + (slot - self.start) % workers, len(range(slot, self.start, workers)) * self.batch_size
         images, captions, skipped, found = [], [], collections.Counter(), 0
         for epoch in range(10 ** 9):
-            if epoch and not found:  # a whole pass over the shards without one usable sample: never hang
-                raise ValueError(f"no usable sample in {len(shards)} shards ({dict(skipped)})")
+            if epoch and found < self.batch_size:  # else a batch would hold a sample twice (or, with none, hang)
+                raise ValueError(f"{found} usable samples in a pass over {', '.join(map(os.path.basename, shards))} "
+                                 f"(the {len(shards)} of {len(self.shards)} shards read by rank {self.rank}, loader "
+                                 f"worker {slot}): fewer than a batch of {self.batch_size} ({dict(skipped)})")
             found = 0
             order = np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(len(shards))
             for shard in (shards[i] for i in order):

@@ -653,7 +653,7 @@ def test_tar_shards_without_usable_samples_fail_instead_of_hanging(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(ValueError, match="no usable sample in 1 shards"):
+    with pytest.raises(ValueError, match="0 usable samples in a pass over 00000.tar .the 1 of 1 shards"):
         next(iter(data.TarShards(str(tmp_path / "bad" / "00000.tar"), 2, 32)))
 
 
@@ -829,8 +829,10 @@ def test_zeroshot_bad_input_is_a_one_line_error(argv, message, eval_folder, tmp_
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         zeroshot.main([*argv, "--workers", "0"])
-    errors = [line for line in capsys.readouterr().err.splitlines() if not line.endswith("px")]  # minus the model line
+    err = capsys.readouterr().err.splitlines()
+    errors = [line for line in err if not line.endswith("px")]  # minus the model line
     assert e.value.code == 1 and len(errors) == 1 and errors[0].startswith("zeroshot.py: error: ") and message in errors[0]
+    assert len(err) == 1 or "--output" not in argv  # a bad --output is found before the model is loaded
 
 # ---------------------------------------------------------------------------------------------------- performance
 
@@ -1284,3 +1286,107 @@ def test_labels_from_a_file_may_hold_commas(eval_folder, tmp_path):
     image = str(eval_folder / "images" / "square" / sorted(os.listdir(eval_folder / "images" / "square"))[0])
     r = zeroshot.main(["--model", str(eval_folder / "run"), "--image", image, "--labels", str(tmp_path / "labels.txt")])
     assert set(r[image]) == {"a cross, drawn", "a square, filled"} and sum(r[image].values()) == pytest.approx(1)
+
+# ---------------------------------------------------------------------------------------------------- data and resume
+
+
+def test_tsv_quotes_are_text_and_csv_quotes_that_swallow_lines_are_named(tmp_path):
+    rows = [f"imgs/{i}.png\tcaption {i}" for i in range(8)]
+    rows[2], rows[3] = 'imgs/2.png\t"the best" day ever', 'imgs/3.png\t"unclosed quote begins this caption'
+    (tmp_path / "cc.tsv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    captions = [c for _, c in data.CsvCaptions(str(tmp_path / "cc.tsv")).rows]
+    assert len(captions) == 8 and captions[2] == '"the best" day ever' and captions[3].startswith('"unclosed quote')
+    (tmp_path / "q.csv").write_text('filepath,title\na.png,"a, quoted caption"\nb.png,"unclosed\nc.png,more\n')
+    assert 'q.csv, line 4: a field runs over several lines' in one_line_error(data.CsvCaptions, str(tmp_path / "q.csv"))
+    (tmp_path / "d.csv").write_text("filepath,title,title\na.png,one,two\n")
+    assert "a column named twice (['filepath', 'title', 'title'])" in one_line_error(data.CsvCaptions, str(tmp_path / "d.csv"))
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_repeated_tar_keys_start_new_samples(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    write_tar(tmp_path / "s.tar", [m for i in range(3) for m in (("0000.png", buf.getvalue()), ("0000.txt", f"c{i}".encode()))])
+    assert [c for _, c in data.tar_samples(str(tmp_path / "s.tar"))] == [b"c0", b"c1", b"c2"]
+
+
+def test_a_loader_worker_with_fewer_samples_than_a_batch_stops_the_run(tmp_path):
+    pattern = write_shards(tmp_path / "shards", 2, 8)
+    os.replace(tmp_path / "shards" / "00001.tar", tmp_path / "full.tar")
+    with tarfile.open(tmp_path / "full.tar") as full:
+        write_tar(tmp_path / "shards" / "00001.tar", [(m.name, full.extractfile(m).read()) for m in full.getmembers()[:4]])
+    loader = torch.utils.data.DataLoader(data.TarShards(pattern, 4, 32, workers=2), batch_size=None, num_workers=2)
+    with pytest.raises(Exception, match=r"2 usable samples in a pass over 00001.tar \(the 1 of 2 shards read by rank 0, "
+                                        r"loader worker 1\): fewer than a batch of 4"):
+        [batch for batch, _ in zip(loader, range(8))]
+    assert "the brace range {00003..00000} is empty" in one_line_error(data.expand_braces, "x/{00003..00000}.tar")
+
+
+def stop_at(monkeypatch, step):
+    """train_step that receives SIGTERM during the given step (counted from this run's first)."""
+    calls, real = [], train.train_step
+
+    def step_and_maybe_stop(*args):
+        calls.append(1)
+        if len(calls) == step:
+            train.RECEIVED.append(signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(train, "train_step", step_and_maybe_stop)
+    monkeypatch.setattr(train, "RECEIVED", [])
+
+
+def test_rollback_stop_and_requeue_continue_the_rollback(tmp_path, monkeypatch, capsys):
+    common = [*FAST, "--batch-size", "4", "--steps", "6", "--save-every", "2", "--logs-dir", str(tmp_path)]
+    train.main([*common, "--name", "straight"])
+    train.main([*common, "--name", "r"])  # checkpoints at 4 and 6
+    stop_at(monkeypatch, 1)
+    with pytest.raises(SystemExit) as e:  # roll back to step 4; stopped after step 5
+        train.main([*common, "--name", "r", "--resume", str(tmp_path / "r" / "checkpoints" / "step_0000004.pt")])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert [os.path.basename(p) for p in cloob.checkpoints(str(tmp_path / "r"))] == ["step_0000004.pt", "step_0000005.pt"]
+    assert glob.glob(str(tmp_path / "r" / "rolled_back_*" / "step_0000006.pt"))
+    monkeypatch.undo()  # the real train_step, no signal
+    train.main([*common, "--name", "r", "--resume", "latest"])  # the SLURM requeue: from step 5
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "r")
+    assert b["step"] == 6 and all(torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-6) for k in a["state_dict"])
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "r" / "**"), recursive=True)}
+    capsys.readouterr()
+    assert train.main([*common, "--name", "r", "--resume", "latest"]) is None  # requeued after it finished: exit 0
+    assert capsys.readouterr().out.strip().endswith("has finished: step 6 of 6; nothing to do")
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "r" / "**"), recursive=True)} == before
+
+
+def test_a_stop_at_an_evaluation_step_evaluates_first(tmp_path, monkeypatch):
+    common = [*FAST, "--batch-size", "4", "--steps", "6", "--zeroshot-every", "2", "--logs-dir", str(tmp_path), "--name", "e"]
+    stop_at(monkeypatch, 4)
+    with pytest.raises(SystemExit):
+        train.main(common)
+    monkeypatch.undo()
+    train.main([*common, "--resume", "latest"])
+    assert [e["step"] for e in metrics(tmp_path / "e") if "zeroshot/shape/top1" in e] == [2, 4, 6]
+
+
+def test_resume_checks_precision_and_the_tar_sample_stream(tmp_path, capsys):
+    common = [*FAST, "--batch-size", "4", "--logs-dir", str(tmp_path), "--name", "p"]
+    train.main([*common, "--steps", "2"])
+    train.main([*common, "--steps", "4", "--resume", "latest", "--precision", "fp16"])  # a new scale for fp16
+    assert len(losses(tmp_path / "p")) == 4 and final_weights(tmp_path / "p")["scaler"]["scale"] > 0
+    pattern = write_shards(tmp_path / "shards", 2, 8)
+    tar = [*FAST, "--train-data", pattern, "--train-num-samples", "16", "--tokenizer", "bytes", "--batch-size", "4",
+           "--logs-dir", str(tmp_path), "--name", "t"]
+    train.main([*tar, "--steps", "2", "--workers", "1"])
+    assert "workers 1 -> 2" in train_error(capsys, *tar, "--steps", "4", "--workers", "2", "--resume", "latest")
+
+
+def test_a_hand_made_checkpoint_loads_with_defaults(tmp_path):
+    model = cloob.CLIP(MICRO)
+    torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(MICRO)}, tmp_path / "mine.pt")
+    loaded, info = cloob.load_model(str(tmp_path / "mine.pt"))
+    assert info["method"] == "clip" and info["tokenizer"] == "clip" and info["config"] == MICRO

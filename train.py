@@ -241,19 +241,23 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
         if not isinstance(ckpt, dict) or not {"args", "optimizer", "world_size"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a checkpoint of this train.py (start from its weights with "
                              f"--pretrained)")
-        ours = dict(vars(args), **asdict(model.config), tokenizer=tokenizer.name, global_batch=args.batch_size * world)
-        theirs = dict(ckpt["args"], **ckpt["config"], tokenizer=ckpt["tokenizer"],
+        ours = dict(vars(args), **asdict(model.config), tokenizer=tokenizer.name, global_batch=args.batch_size * world,
+                    world_size=world)
+        theirs = dict(ckpt["args"], **ckpt["config"], tokenizer=ckpt["tokenizer"], world_size=ckpt["world_size"],
                       global_batch=ckpt["args"]["batch_size"] * ckpt["world_size"])
-        differ = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS] if theirs[k] != ours[k]]
+        stream = ["workers", "world_size"] if args.train_data.endswith(".tar") else []  # which shards feed which batch
+        differ = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS, *stream]
+                  if theirs[k] != ours[k]]
         if differ:
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (an exact continuation "
                              f"needs the same; start a new run from its weights with --pretrained)")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if torch.cuda.is_available():  # as many devices as this node has (8 x 1 GPU -> 4 x 2: fewer)
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][:torch.cuda.device_count()])
         print0(rank, f"resuming from {path} (step {ckpt['step']})")
         return ckpt["step"], path
     if found:
@@ -265,11 +269,19 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
 
 def open_run_dir(args, run_dir, start, total, world):
     """Rank 0: the run directory with this run's config.json; leftovers of a save that was killed removed; after a
-    resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again)."""
+    resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again), and
+    checkpoints after it (a rollback with --resume PATH) are moved aside, so that --resume latest continues this line."""
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         for tmp in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")):
             os.remove(tmp)
+        later = [p for p in cloob.checkpoints(run_dir) if int(os.path.basename(p)[5:-3]) > start]  # step_0000040.pt
+        aside = os.path.join(run_dir, f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}")
+        for path in later:
+            os.makedirs(aside, exist_ok=True)
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        if later:
+            print(f"--resume {args.resume}: the {len(later)} later checkpoints are moved to {aside}")
         metrics = os.path.join(run_dir, "metrics.jsonl")
         if os.path.isfile(metrics):
             with open(metrics) as f:
@@ -487,6 +499,9 @@ def train(args, rank, world, device):
     start, last_good = resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank)
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
+    if start >= total and args.resume == "latest":  # a requeued job whose run has finished
+        print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do")
+        return 0
     if start >= total:
         raise ValueError(f"{run_dir} is already at step {start} of {total}: nothing to train (raise --steps)")
     tasks = zeroshot_tasks(args, resolution)
