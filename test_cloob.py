@@ -590,7 +590,7 @@ def test_csv_with_missing_and_corrupt_images_trains_and_reports(tmp_path, capsys
     out = capsys.readouterr().out
     assert "missing image" in out and "corrupt image" in out and "empty caption" in out
     events = metrics(tmp_path / "csv")
-    assert events[-1]["skipped"] >= 3 and np.isfinite(events[-1]["loss"])
+    assert events[-1]["skipped"] >= 3 and np.isfinite(events[-1]["loss"]) and 0 <= events[-1]["data_wait"] <= 1
 
 
 def write_shards(folder, n_shards, per_shard):
@@ -1390,3 +1390,32 @@ def test_a_hand_made_checkpoint_loads_with_defaults(tmp_path):
     torch.save({"state_dict": model.state_dict(), "config": dataclasses.asdict(MICRO)}, tmp_path / "mine.pt")
     loaded, info = cloob.load_model(str(tmp_path / "mine.pt"))
     assert info["method"] == "clip" and info["tokenizer"] == "clip" and info["config"] == MICRO
+
+# ---------------------------------------------------------------------------------------------------- speed paths
+
+
+def test_token_batches_are_cut_after_the_longest_caption_exactly():
+    tok = cloob.Tokenizer("clip")
+    captions = ["a dog", "a photo of a small brown dog running on the beach at sunset"]
+    short, full = tok(captions), tok(captions + ["x " * 100])[:2]
+    assert short.shape == (2, 16) and full.shape == (2, 77) and torch.equal(short, full[:, :16])
+    assert tok(["a"]).shape == (1, 8) and cloob.Tokenizer("bytes", 48)(["y" * 60]).shape == (1, 48)
+    torch.manual_seed(0)
+    model = cloob.CLIP(dataclasses.replace(MICRO, vocab_size=49408, context_length=77)).eval()
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(short), model.encode_text(full), atol=1e-6)
+
+
+def test_compiled_model_recompiles_a_bounded_number_of_times_over_caption_lengths():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = cloob.CLIP(dataclasses.replace(MICRO, context_length=64))
+    compiled = torch.compile(model, backend="eager")  # dynamo's guards and recompiles, without inductor's code
+    torch._dynamo.utils.counters.clear()
+    images, tokens = torch.randn(2, 3, 16, 16), torch.randint(0, 30, (2, 64))
+    tokens[:, 5] = MICRO.vocab_size - 1
+    for length in (8, 16, 24, 32, 40, 48, 56, 64, 16):
+        compiled(images, tokens[:, :length])
+    # the first length; the second makes the length dynamic; the full context (a slice that takes every position)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+    assert train.parse_args([]).compile is torch.cuda.is_available() and not train.parse_args(["--no-compile"]).compile

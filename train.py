@@ -79,7 +79,7 @@ def parse_args(argv=None):
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
     a("--sync-bn", action="store_true", help="ResNets: BatchNorm statistics over the global batch (all ranks): "
       "needed for the world-size invariance of a ResNet run")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
     a("--steps", type=COUNT, help="optimizer steps (default: from --epochs; 1000 on synthetic data; 20 with --bench)")
     a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
     a("--seed", type=int, default=0)
@@ -104,6 +104,7 @@ def parse_args(argv=None):
         if getattr(args, k) is None and not (k == "tokenizer" and args.pretrained):  # else: the checkpoint's
             setattr(args, k, v)
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.compile = torch.cuda.is_available() if args.compile is None else args.compile
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not (synthetic or args.train_data.endswith((".tar", ".csv", ".tsv"))):
         p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar shards")
@@ -515,15 +516,19 @@ def train(args, rank, world, device):
     peak = peak_tflops(device, args.precision)
     flops = flops_per_sample(model.config) if peak else None
     # non-finite losses are counted on the device and read only when logging: no host sync in the loop
-    skipped, t0 = collections.Counter(), time.time()
+    skipped, t0, waiting = collections.Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
     streak, worst, nonfinite = (torch.zeros((), device=device) for _ in range(3))
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        wait = time.time()
         images, tokens, batch_skipped = next(batches)
+        waiting += time.time() - wait
         skipped += batch_skipped
         loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
+        if step == start and args.compile:
+            print0(rank, f"first step, with torch.compile's compilation: {time.time() - t0:.1f} s")
         streak = (streak + 1) * (1 - finite)
         worst, nonfinite = torch.maximum(worst, streak), nonfinite + 1 - finite
         done = step + 1
@@ -535,11 +540,11 @@ def train(args, rank, world, device):
             event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
                          inv_temperature=model.logit_scale.exp().item(), samples_per_s=rate,
                          mfu=flops * rate / world / (peak * 1e12) if peak else None, skipped=int(stats[1].item()),
-                         nonfinite_steps=int(nonfinite.item()))
+                         nonfinite_steps=int(nonfinite.item()), data_wait=waiting / (time.time() - t0))
             eta = (total - done) * args.batch_size * world / rate / 60
             line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
                     f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s")
-            line += (f" mfu {event['mfu']:.1%}" if peak else "") + f" eta {eta:.1f} min"
+            line += (f" mfu {event['mfu']:.1%}" if peak else "") + f" data {event['data_wait']:.0%} eta {eta:.1f} min"
             line += f" skipped {dict(skipped)}" if skipped else ""
             line += f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""
             log(run_dir, rank, event, line)
