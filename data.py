@@ -19,10 +19,21 @@ STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder
 
 
+def channels_first(pixels):
+    """RGB pixels [..., R, R, 3] (a PIL image or an array, kept uint8 or float) -> tensor [..., 3, R, R], not normalised:
+    training batches travel as uint8 (4x less to copy) and are normalised on the device by train.py."""
+    return torch.from_numpy(np.array(pixels)).movedim(-1, -3)
+
+
+def normalize(pixels):
+    """Pixels [..., 3, R, R] in 0..255 -> CLIP's normalised float tensor."""
+    mean, std = (torch.tensor(v, device=pixels.device)[:, None, None] for v in (MEAN, STD))
+    return (pixels.float() / 255 - mean) / std
+
+
 def to_tensor(pixels):
     """RGB pixels [..., R, R, 3] in 0..255 (an array or a PIL image) -> normalised float tensor [..., 3, R, R]."""
-    x = (torch.from_numpy(np.asarray(pixels, dtype=np.float32)) / 255 - torch.from_numpy(MEAN)) / torch.from_numpy(STD)
-    return x.movedim(-1, -3).contiguous()
+    return normalize(channels_first(pixels)).contiguous()
 
 
 def to_rgb(image):
@@ -59,8 +70,8 @@ def crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 def random_resized_crop(image, resolution, rng):
-    """CLIP's training transform: a crop_box resized bicubic to [3, R, R]. `rng` is a numpy Generator, so the crop is a
-    function of its seed. A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps at
+    """CLIP's training transform: a crop_box resized bicubic to uint8 [3, R, R]. `rng` is a numpy Generator, so the crop
+    is a function of its seed. A JPEG not yet decoded is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps at
     least R pixels across the crop (PIL's draft mode: several times faster on large photos)."""
     width, height = image.size
     box = crop_box(width, height, rng)
@@ -69,7 +80,7 @@ def random_resized_crop(image, resolution, rng):
         image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))  # any size at least this
     sx, sy = image.size[0] / width, image.size[1] / height
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    return to_tensor(to_rgb(image.resize((resolution, resolution), Image.BICUBIC, box=box)))
+    return channels_first(to_rgb(image.resize((resolution, resolution), Image.BICUBIC, box=box)))
 
 # ---------------------------------------------------------------------------------------------------- synthetic
 
@@ -119,7 +130,7 @@ class Synthetic(torch.utils.data.Dataset):
 
     def __getitem__(self, keys):
         pixels, captions, _ = self.render([idx for _, idx in keys])
-        return to_tensor(pixels), captions, collections.Counter()
+        return channels_first(pixels), captions, collections.Counter()  # float 0..255
 
     def render(self, indices):
         """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""

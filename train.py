@@ -398,7 +398,8 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     wrapped in DDP and/or torch.compile. -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host
     sync."""
     device = model.logit_scale.device
-    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+    images = data.normalize(images.to(device, non_blocking=True))  # pixels in 0..255 -> CLIP's input
+    tokens = tokens.to(device, non_blocking=True)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
         images = images.contiguous(memory_format=torch.channels_last)  # the ResNet's convolutions on tensor cores
     if args.accum_steps > 1:
@@ -458,7 +459,8 @@ def bench(args, model, device, world):
     (compilation, allocator, kernel choice). -> a dict, printed as one line or one JSON object."""
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     c, g = model.config, torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch_size, 3, c.image_resolution, c.image_resolution, generator=g).to(device)
+    shape = (args.batch_size, 3, c.image_resolution, c.image_resolution)
+    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)  # as the loader gives them
     tokens = torch.randint(0, c.vocab_size - 1, (args.batch_size, c.context_length), generator=g)
     tokens[:, -1] = c.vocab_size - 1  # the end token, where the text tower pools
     tokens, times = tokens.to(device), []
