@@ -745,7 +745,7 @@ def test_zeroshot_single_images(eval_folder, capsys):
     assert capsys.readouterr().out.count("%") == 6
 
 
-def test_retrieval_recall_and_embedding_analysis():
+def test_retrieval_recall_with_one_caption_per_image():
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(50, 8, generator=g), dim=-1)
     y = F.normalize(x + 0.8 * torch.randn(50, 8, generator=g), dim=-1)
@@ -756,13 +756,6 @@ def test_retrieval_recall_and_embedding_analysis():
         for n in (1, 5, 10):
             assert r[f"{direction}_R@{n}"] == pytest.approx((position < n).float().mean().item())
     assert 0 < r["image_to_text_R@1"] < r["image_to_text_R@10"] < 1
-    basis = torch.linalg.qr(torch.randn(16, 3, generator=g))[0].T  # 3 orthonormal directions in 16-d
-    flat = torch.randn(500, 3, generator=g) @ basis + 0.001 * torch.randn(500, 16, generator=g)
-    assert zeroshot.effective_rank(flat) == 3 and zeroshot.effective_rank(torch.randn(500, 16, generator=g)) > 12
-    a, cos = zeroshot.analyze(x, y), x.double() @ y.double().T
-    assert a["matched_cosine"] == pytest.approx(cos.diag().mean().item())
-    assert a["unmatched_cosine"] == pytest.approx(((cos.sum() - cos.trace()) / (50 * 49)).item())
-    assert a["unmatched_cosine"] < a["matched_cosine"]
 
 
 def test_retrieval_with_several_captions_per_image_follows_the_standard_protocol():
@@ -789,7 +782,7 @@ def test_zeroshot_classifier_encodes_prompts_in_chunks(eval_folder):
     assert max(seen) <= 64 and sum(seen) == 350 and torch.allclose(chunked, whole, atol=1e-6)
 
 
-def test_zeroshot_retrieval_and_analysis_on_a_csv(eval_folder, tmp_path, capsys):
+def test_zeroshot_retrieval_on_a_csv(eval_folder, tmp_path, capsys):
     rows = ["filepath,title"] + [f"{eval_folder}/images/{d}/{f},a {d}" for d in ("cross", "square")
                                  for f in sorted(os.listdir(eval_folder / "images" / d))] + ["missing.png,a ghost"]
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
@@ -797,10 +790,6 @@ def test_zeroshot_retrieval_and_analysis_on_a_csv(eval_folder, tmp_path, capsys)
     assert r["images"] == r["captions"] == 14 and r["skipped"] == {"corrupt image": 1, "missing image": 1}
     assert "14 images, 14 captions: image_to_text_R@1" in capsys.readouterr().out
     assert set(r) >= {f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
-    a = zeroshot.main(["--model", str(eval_folder / "run"), "--retrieval", str(tmp_path / "pairs.csv"), "--analyze",
-                       "--workers", "0"])
-    assert a["n"] == 14 and 1 <= a["image_eigenvalues_99"] <= 14 and a["text_eigenvalues_99"] <= 2
-    assert "eigenvalues explaining 99% of the covariance" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [

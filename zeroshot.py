@@ -4,7 +4,6 @@ OpenCLIP files and hub folders, Hugging Face CLIPModel folders, official CLOOB):
   python zeroshot.py --model ViT-B-32.pt --data imagenet/val        # one sub-folder per class
   python zeroshot.py --model ViT-B-32.pt --image cat.jpg --labels "a cat,a dog,a diagram"
   python zeroshot.py --model ViT-B-32.pt --retrieval coco.csv       # image<->text recall@1/5/10
-  python zeroshot.py --model ViT-B-32.pt --analyze --data DIR       # (or --retrieval FILE) embedding structure
 train.py's periodic zero-shot evaluation calls evaluate() below."""
 import argparse
 import collections
@@ -133,28 +132,6 @@ def loader(dataset, resolution, batch_size=256, workers=2):
                                        pin_memory=torch.cuda.is_available())
 
 
-@torch.no_grad()
-def pair_features(model, tokenizer, dataset, device="cpu", batch_size=256, workers=2, weights=None):
-    """-> (image features [N, D], text features [N, D], labels {name: [N]}, skipped Counter), L2-normalised, of a CSV's
-    image/caption pairs (labels: "image", the row's image), or of a folder's images each paired with its class's
-    column of classifier `weights` (labels: "label")."""
-    xs, ys, labels, skipped = [], [], collections.defaultdict(list), collections.Counter()
-    for images, captions, batch_labels, batch_skipped in loader(dataset, model.config.image_resolution, batch_size,
-                                                                workers):
-        skipped += batch_skipped
-        if not len(images):
-            continue
-        xs.append(F.normalize(model.encode_image(images.to(device)).float(), dim=-1))
-        if weights is None:
-            ys.append(F.normalize(model.encode_text(tokenizer(captions).to(device)).float(), dim=-1))
-        else:
-            ys.append(weights.T[batch_labels["label"].to(device)])
-        for k, v in batch_labels.items():
-            labels[k].append(v)
-    if not xs:
-        raise ValueError(f"no usable image ({dict(skipped)})")
-    return torch.cat(xs), torch.cat(ys), {k: torch.cat(v) for k, v in labels.items()}, skipped
-
 # ---------------------------------------------------------------------------------------------------- retrieval
 
 
@@ -181,21 +158,6 @@ def retrieval_recall(image_features, text_features, image_ids, ks=(1, 5, 10), ch
         out.update({f"{direction}_R@{k}": (torch.cat(r) < k).float().mean().item() for k in ks})
     return out
 
-
-def effective_rank(features, explained=0.99):
-    """The CLOOB paper's covariance measure: how many eigenvalues of the embeddings' covariance explain
-    `explained` of its trace. Higher: a richer covariance structure (less collapse onto few directions)."""
-    eig = torch.linalg.eigvalsh(torch.cov(features.double().T)).flip(0).clamp(min=0)  # descending
-    return int((eig.cumsum(0) / eig.sum() < explained).sum().item()) + 1
-
-
-def analyze(image_features, text_features):
-    """Embedding structure of matched pairs (row i of each): effective ranks and matched/unmatched cosines, in memory
-    N x D (the sum of all N^2 cosines is the dot product of the two feature sums)."""
-    x, y, n = image_features.double(), text_features.double(), len(image_features)
-    matched = (x * y).sum()
-    return dict(image_eigenvalues_99=effective_rank(x), text_eigenvalues_99=effective_rank(y), dim=x.shape[1], n=n,
-                matched_cosine=matched.item() / n, unmatched_cosine=((x.sum(0) @ y.sum(0) - matched) / (n * n - n)).item())
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
@@ -246,7 +208,6 @@ def parse_args(argv=None):
     a("--image", nargs="+", help="classify these images against --labels")
     a("--labels", help="labels for --image: comma-separated, or a FILE with one label a line")
     a("--retrieval", help="CSV/TSV of images and captions: image<->text recall@1/5/10")
-    a("--analyze", action="store_true", help="embedding analysis of --data or --retrieval")
     data.csv_arguments(p)
     a("--classnames", help="FILE: one class name per line, in sorted-folder order")
     a("--templates", help="ensemble (CLIP's 7 ImageNet prompts; the folder default) | single | FILE")
@@ -257,8 +218,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.data, args.image, args.retrieval)) != 1:
         p.error("give exactly one of --data, --image, --retrieval")
-    if args.image and not args.labels or args.analyze and (args.image or args.data == "synthetic"):
-        p.error("--image needs --labels, and --analyze works on an image folder or --retrieval")
+    if args.image and not args.labels:
+        p.error("--image needs --labels")
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be >= 1 and --workers >= 0")
     return args
@@ -289,13 +250,14 @@ def classify_images(args, model, tokenizer):
     return results
 
 
-def classify_folder(args, model, tokenizer, folder):
-    if folder is None:  # the synthetic benchmark
+def classify_folder(args, model, tokenizer):
+    if args.data == "synthetic":  # the built-in held-out benchmark
         if args.templates or args.classnames:
             raise ValueError("--data synthetic has its own class names and templates")
         tasks, images, labels = synthetic_benchmark(model.config.image_resolution)
         batches, n = tensor_batches(images, labels, args.batch_size), len(images)
     else:
+        folder = data.ImageFolder(args.data)
         tasks = {"label": class_task(args, folder)}
         batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
@@ -318,21 +280,21 @@ def class_task(args, folder):
     return names, read_templates(args.templates or "ensemble")
 
 
-def compare_pairs(args, model, tokenizer, folder):
-    """--retrieval (a CSV's image/caption pairs) or --analyze (those, or a folder's images with their class's text)."""
-    dataset = folder or data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    weights = classifier(model, tokenizer, *class_task(args, folder), args.device, args.batch_size) if folder else None
-    x, y, labels, skipped = pair_features(model, tokenizer, dataset, args.device, args.batch_size, args.workers, weights)
+def retrieval(args, model, tokenizer):
+    """--retrieval: encode a CSV's image/caption pairs, then recall@k both ways by the standard protocol."""
+    dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    xs, ys, ids, skipped = [], [], [], collections.Counter()
+    for images, captions, labels, batch_skipped in loader(dataset, model.config.image_resolution, args.batch_size,
+                                                          args.workers):
+        skipped += batch_skipped
+        if len(images):
+            xs.append(F.normalize(model.encode_image(images.to(args.device)).float(), dim=-1))  # [B, D]
+            ys.append(F.normalize(model.encode_text(tokenizer(captions).to(args.device)).float(), dim=-1))
+            ids.append(labels["image"])
     note = f"; skipped {dict(skipped)}" if skipped else ""
-    if args.analyze:
-        r = dict(analyze(x.cpu(), y.cpu()), skipped=dict(skipped))
-        print(f"{r['n']} pairs, embedding dim {r['dim']}: eigenvalues explaining 99% of the covariance: images "
-              f"{r['image_eigenvalues_99']}, texts {r['text_eigenvalues_99']}; mean cosine matched "
-              f"{r['matched_cosine']:.3f}, unmatched {r['unmatched_cosine']:.3f}{note}")
-        return r
-    r = dict(retrieval_recall(x, y, labels["image"].to(x.device)), skipped=dict(skipped))
-    if r["images"] < 2:
-        raise ValueError(f"{args.retrieval}: {r['images']} usable image; retrieval needs at least 2{note}")
+    if not xs:
+        raise ValueError(f"{args.retrieval}: no usable image{note}")
+    r = dict(retrieval_recall(torch.cat(xs), torch.cat(ys), torch.cat(ids).to(args.device)), skipped=dict(skipped))
     print(f"{r['images']} images, {r['captions']} captions: " +
           "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
     return r
@@ -350,13 +312,12 @@ def run(args):
     print(f"{args.model}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
           f"{model.config.image_resolution}px", file=sys.stderr)
     model = model.to(args.device)
-    folder = data.ImageFolder(args.data) if args.data not in (None, "synthetic") else None
     if args.image:
         results = classify_images(args, model, tokenizer)
-    elif args.analyze or args.retrieval:
-        results = compare_pairs(args, model, tokenizer, folder)
+    elif args.retrieval:
+        results = retrieval(args, model, tokenizer)
     else:
-        results = classify_folder(args, model, tokenizer, folder)
+        results = classify_folder(args, model, tokenizer)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(dict(results, model=args.model), f, indent=1)
