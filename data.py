@@ -20,7 +20,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 
 
 def channels_first(pixels):
-    """RGB pixels [..., R, R, 3] (a PIL image or an array, kept uint8 or float) -> tensor [..., 3, R, R], not normalised:
+    """RGB pixels [..., R, R, 3] (a PIL image or an array; uint8 or float) -> tensor [..., 3, R, R], not normalised:
     training batches travel as uint8 (4x less to copy) and are normalised on the device by train.py."""
     return torch.from_numpy(np.array(pixels)).movedim(-1, -3)
 
@@ -277,7 +277,7 @@ def load_sample(item, transform):
     except IsADirectoryError:
         raise ValueError("a directory, not an image") from None
     except Image.DecompressionBombError:
-        raise ValueError("image too large (over Pillow's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS)") from None
+        raise ValueError("image too large (over Pillow's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError):
         raise ValueError("corrupt image") from None
 

@@ -916,7 +916,7 @@ def test_bench_times_the_training_step(capsys, monkeypatch):
     assert r["samples_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3)) and r["mfu"] is None  # no peak known on a CPU
     assert 0 < r["peak_memory_gib"] < 24
     monkeypatch.setattr(train, "peak_tflops", lambda device, precision: 1.0)  # as if the device's peak were 1 TFLOP/s
-    train.main(["--bench", "--batch-size", "8", "--steps", "1", "--accum-steps", "2", "--method", "clip", "--json"])
+    train.main(["--bench", "--batch-size", "8", "--steps", "1", "--accum-steps", "2", "--method", "clip"])
     r = json.loads(capsys.readouterr().out)
     assert r["accum_steps"] == 2 and r["method"] == "clip"
     assert r["mfu"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12)
@@ -1408,3 +1408,32 @@ def test_compiled_model_recompiles_a_bounded_number_of_times_over_caption_length
     # the first length; the second makes the length dynamic; the full context (a slice that takes every position)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     assert train.parse_args([]).compile is torch.cuda.is_available() and not train.parse_args(["--no-compile"]).compile
+
+
+def test_csv_column_flags_epochs_and_hopfield_beta(tmp_path):
+    rows = write_images(tmp_path / "img", 8)
+    (tmp_path / "t.csv").write_text("caption;image\n" + "".join(f"{cap};img/{f}\n" for f, cap, _ in rows))
+    common = [*FAST, "--train-data", str(tmp_path / "t.csv"), "--csv-img-key", "image", "--csv-caption-key", "caption",
+              "--csv-separator", ";", "--tokenizer", "bytes", "--batch-size", "4", "--epochs", "2",
+              "--logs-dir", str(tmp_path)]
+    train.main([*common, "--name", "beta8"])
+    train.main([*common, "--name", "beta2", "--hopfield-beta", "2"])
+    assert [e["epoch"] for e in metrics(tmp_path / "beta8") if "loss" in e] == [0.5, 1.0, 1.5, 2.0]  # 8 rows, 2 x 4
+    assert losses(tmp_path / "beta2")[0] != pytest.approx(losses(tmp_path / "beta8")[0], rel=1e-3)
+
+
+def test_gelu_flag_reads_a_bare_state_dict_as_gelu(tmp_path):
+    torch.manual_seed(0)
+    config = dataclasses.replace(MICRO, vocab_size=49408, context_length=77, transformer_width=64, quick_gelu=False)
+    torch.save(cloob.CLIP(config).state_dict(), tmp_path / "bare.pt")
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "red.png")
+    argv = ["--model", str(tmp_path / "bare.pt"), "--image", str(tmp_path / "red.png"), "--labels", "red,blue"]
+    with pytest.warns(UserWarning, match="does not record its architecture"):
+        quick = zeroshot.main(argv)[str(tmp_path / "red.png")]
+    gelu = zeroshot.main([*argv, "--gelu"])[str(tmp_path / "red.png")]
+    model, _ = cloob.load_model(str(tmp_path / "bare.pt"), quick_gelu=False)
+    tokens, image = cloob.Tokenizer("clip")(["red", "blue"]), data.preprocess(Image.open(tmp_path / "red.png"), 16)
+    with torch.no_grad():
+        x, y = model(image[None], tokens)
+        expected = (model.logit_scale.exp() * x @ y.T).softmax(-1)[0].tolist()
+    assert [gelu["red"], gelu["blue"]] == pytest.approx(expected, rel=1e-5) and quick != pytest.approx(gelu, rel=1e-5)

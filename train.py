@@ -90,7 +90,6 @@ def parse_args(argv=None):
     a("--resume", help="latest (the run's newest readable checkpoint; a new run if it has none) | PATH")
     a("--log-every", type=COUNT, default=10)
     a("--bench", action="store_true", help="time the training step on random tensors already on the device instead")
-    a("--json", action="store_true", help="--bench: print one JSON object")
     args = p.parse_args(argv)
     synthetic = args.train_data == "synthetic"
     # the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (see README, Train)
@@ -271,7 +270,7 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
 def open_run_dir(args, run_dir, start, total, world):
     """Rank 0: the run directory with this run's config.json; leftovers of a save that was killed removed; after a
     resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again), and
-    checkpoints after it (a rollback with --resume PATH) are moved aside, so that --resume latest continues this line."""
+    checkpoints after it (a rollback with --resume PATH) are moved aside: --resume latest continues this line."""
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         for tmp in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")):
@@ -309,8 +308,8 @@ def zeroshot_tasks(args, resolution):
     if args.zeroshot_data:
         folder, name = data.ImageFolder(args.zeroshot_data), os.path.basename(os.path.normpath(args.zeroshot_data))
         tasks = {name: ([c.replace("_", " ") for c in folder.classes], zeroshot.TEMPLATES["ensemble"])}
-        return tasks, lambda: ((images, captions, {name: labels["label"]}, skipped) for images, captions, labels, skipped
-                               in zeroshot.loader(folder, resolution, args.batch_size, args.workers))
+        batches = lambda: zeroshot.loader(folder, resolution, args.batch_size, args.workers)
+        return tasks, lambda: ((images, texts, {name: labels["label"]}, n) for images, texts, labels, n in batches())
     if args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
         return tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size)
@@ -456,7 +455,7 @@ def flops_per_sample(config):
 
 def bench(args, model, device, world):
     """Time train_step on a random batch already on the device: median of --steps steps after 5 warm-up steps
-    (compilation, allocator, kernel choice). -> a dict, printed as one line or one JSON object."""
+    (compilation, allocator, kernel choice). -> a dict, printed as one JSON object."""
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     c, g = model.config, torch.Generator().manual_seed(0)
     shape = (args.batch_size, 3, c.image_resolution, c.image_resolution)
@@ -480,8 +479,7 @@ def bench(args, model, device, world):
                   step_ms=step * 1e3, samples_per_s=args.batch_size / step, flops_per_sample=flops,
                   peak_memory_gib=memory / 2 ** 30,
                   mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
-    print(json.dumps(result) if args.json else
-          "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    print(json.dumps(result))
     return result
 
 # ---------------------------------------------------------------------------------------------------- the loop
