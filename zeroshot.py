@@ -139,14 +139,15 @@ def retrieval_recall(image_features, text_features, image_ids, ks=(1, 5, 10), ch
     """The standard (COCO, Flickr30k) protocol: rows are captions, image_ids [N] says whose (rows of one image share
     it). Image->text: each image is a hit at k when any of its captions is in its top k; text->image ranks the unique
     images. A rank is the number of candidates scoring strictly higher (from one matmul: no float noise)."""
-    ids, row_image = torch.unique(image_ids, return_inverse=True)  # row_image [N]: index into the M unique images
+    ids, row_image = torch.unique(image_ids.cpu(), return_inverse=True)  # row_image [N]: which of the M images
     rows = torch.arange(len(row_image))
     first = torch.full((len(ids),), len(rows)).scatter_reduce(0, row_image, rows, "amin")  # a row of each image
-    images = image_features[first]  # [M, D]
+    device = image_features.device
+    images, row_image = image_features[first.to(device)], row_image.to(device)  # [M, D], [N]
     ranks = {"image_to_text": [], "text_to_image": []}
     for i in range(0, len(images), chunk):
         scores = images[i:i + chunk] @ text_features.T  # [c, N]
-        own = row_image[None, :] == torch.arange(i, i + len(scores))[:, None]  # [c, N]: its captions
+        own = row_image[None, :] == torch.arange(i, i + len(scores), device=device)[:, None]  # [c, N]: its captions
         best = scores.masked_fill(~own, -math.inf).amax(dim=-1, keepdim=True)  # [c, 1]
         ranks["image_to_text"].append((scores > best).sum(-1))
     for i in range(0, len(text_features), chunk):
@@ -294,7 +295,7 @@ def retrieval(args, model, tokenizer):
     note = f"; skipped {dict(skipped)}" if skipped else ""
     if not xs:
         raise ValueError(f"{args.retrieval}: no usable image{note}")
-    r = dict(retrieval_recall(torch.cat(xs), torch.cat(ys), torch.cat(ids).to(args.device)), skipped=dict(skipped))
+    r = dict(retrieval_recall(torch.cat(xs), torch.cat(ys), torch.cat(ids)), skipped=dict(skipped))
     print(f"{r['images']} images, {r['captions']} captions: " +
           "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
     return r
