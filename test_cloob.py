@@ -1028,11 +1028,12 @@ def test_damaged_shards_are_skipped_counted_and_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"], ["--compile"]])
-def test_gpu_default_paths_train_on_cpu(flags, tmp_path):
+def test_gpu_default_paths_train_on_cpu(flags, tmp_path, capsys):
     """bf16 autocast (the GPU default), fp16 with GradScaler, torch.compile: finite losses close to fp32's."""
     common = [*FAST, "--batch-size", "8", "--steps", "3", "--logs-dir", str(tmp_path)]
     train.main([*common, "--name", "fp32"])
     train.main([*common, *flags, "--name", "other"])
+    assert ("first step, with torch.compile's compilation:" in capsys.readouterr().out) == ("--compile" in flags)
     assert losses(tmp_path / "other") == pytest.approx(losses(tmp_path / "fp32"), rel=1e-4 if "--compile" in flags else 0.05)
     ckpt = final_weights(tmp_path / "other")
     assert (ckpt["scaler"].get("scale") is not None) == (flags == ["--precision", "fp16"])  # GradScaler only for fp16
