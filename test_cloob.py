@@ -1123,6 +1123,8 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
     assert image.mode.startswith("I")
     grey = np.asarray(data.to_rgb(image))[..., 0].astype(float)
     assert np.abs(grey - ramp / 257).max() <= 0.5 and grey.mean() == pytest.approx(127.5, abs=1)
+    eight_bit = Image.fromarray((ramp / 257).round().astype(np.uint8))  # resized before it becomes RGB, still scaled
+    assert (data.preprocess(image, 16) - data.preprocess(eight_bit, 16)).abs().max() < 0.05
 
 
 def test_tar_sample_without_caption_is_a_missing_caption(tmp_path):
