@@ -183,9 +183,11 @@ def _tokenize(tokenizer, batch):  # in the loader workers
 
 def _worker_signals(worker_id):
     """Loader workers leave a stop signal sent to the whole process group (SLURM, `timeout`, Ctrl-C) to the main
-    process, which finishes its step and saves; the main process's own SIGTERM (as at its exit) ends them at once."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
+    process, which finishes its step and saves; the main process's own SIGTERM (as at its exit) ends them at once.
+    (Linux; where there is no sigwaitinfo, as on macOS, workers keep PyTorch's own signal handling.)"""
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
 
 
 def _exit_on_sigterm_from_parent():
