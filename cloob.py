@@ -179,7 +179,9 @@ def _run_blocks(tower, blocks, x, *args):
     ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
     for block in blocks:
         contexts = lambda: (contextlib.nullcontext(), frozen_batchnorm_statistics(block))  # forward, recompute
-        x = checkpoint(block, x, *args, use_reentrant=False, context_fn=contexts) if ckpt else block(x, *args)
+        # torch.compile traces the block once and recomputes values only: buffers are updated once anyway
+        kwargs = {} if torch.compiler.is_compiling() else dict(context_fn=contexts)
+        x = checkpoint(block, x, *args, use_reentrant=False, **kwargs) if ckpt else block(x, *args)
     return x
 
 

@@ -1027,9 +1027,10 @@ def test_damaged_shards_are_skipped_counted_and_named(tmp_path, capsys):
     assert len(losses(tmp_path / "tar")) == 5 and all(np.isfinite(losses(tmp_path / "tar")))
 
 
-@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"], ["--compile"]])
+@pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "fp16"], ["--compile", "--grad-checkpointing"]])
 def test_gpu_default_paths_train_on_cpu(flags, tmp_path, capsys):
-    """bf16 autocast (the GPU default), fp16 with GradScaler, torch.compile: finite losses close to fp32's."""
+    """bf16 autocast (the GPU default), fp16 with GradScaler, torch.compile (with checkpointed blocks): finite losses
+    close to fp32's."""
     common = [*FAST, "--batch-size", "8", "--steps", "3", "--logs-dir", str(tmp_path)]
     train.main([*common, "--name", "fp32"])
     train.main([*common, *flags, "--name", "other"])
