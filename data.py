@@ -356,9 +356,8 @@ def expand_braces(pattern):
 def tar_samples(path):
     """(image file bytes, caption) of each sample of a webdataset-style shard: members KEY.jpg|png|webp and KEY.txt,
     adjacent; a repeated member starts a new sample (as webdataset). A sample missing its image or caption has None
-    in that place. Raises tarfile.TarError (or EOFError,
-    zlib.error) where the shard is damaged: truncated (tarfile itself takes a cut at a member boundary for the end),
-    not a tar, empty."""
+    in that place. Raises tarfile.TarError (or EOFError, zlib.error) where the shard is damaged: truncated (tarfile
+    itself takes a cut at a member boundary for the end), not a tar, empty."""
     group, key = {}, None
     with tarfile.open(path, "r|*") as tar:
         for member in tar:

@@ -279,11 +279,11 @@ def open_run_dir(args, run_dir, start, total, world):
             os.remove(tmp)
         later = [p for p in cloob.checkpoints(run_dir) if int(os.path.basename(p)[5:-3]) > start]  # step_0000040.pt
         aside = os.path.join(run_dir, f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}")
-        for path in later:
-            os.makedirs(aside, exist_ok=True)
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
         if later:
+            os.makedirs(aside)
             print(f"--resume {args.resume}: the {len(later)} later checkpoints are moved to {aside}")
+        for path in later:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
         metrics = os.path.join(run_dir, "metrics.jsonl")
         if os.path.isfile(metrics):
             with open(metrics) as f:
@@ -306,10 +306,10 @@ def compute_loss(args, model, x, y):
 
 def zeroshot_tasks(args, resolution):
     """-> (zero-shot tasks, a function giving this rank's batches of them), or None: --zeroshot-data (named after the
-    folder; CLIP's 7 ImageNet templates, as zeroshot.py's default) or, on synthetic data, the held-out benchmark."""
+    folder, as zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark."""
     if args.zeroshot_data:
         folder, name = data.ImageFolder(args.zeroshot_data), os.path.basename(os.path.normpath(args.zeroshot_data))
-        tasks = {name: ([c.replace("_", " ") for c in folder.classes], zeroshot.TEMPLATES["ensemble"])}
+        tasks = {name: zeroshot.class_task(folder)}
         batches = lambda: zeroshot.loader(folder, resolution, args.batch_size, args.workers)
         return tasks, lambda: ((images, texts, {name: labels["label"]}, n) for images, texts, labels, n in batches())
     if args.train_data == "synthetic":

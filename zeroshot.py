@@ -259,7 +259,7 @@ def classify_folder(args, model, tokenizer):
         batches, n = tensor_batches(images, labels, args.batch_size), len(images)
     else:
         folder = data.ImageFolder(args.data)
-        tasks = {"label": class_task(args, folder)}
+        tasks = {"label": class_task(folder, args.classnames, args.templates)}
         batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
     results = evaluate(model, tokenizer, tasks, batches, args.device, progress(n), args.batch_size)
@@ -273,12 +273,13 @@ def classify_folder(args, model, tokenizer):
     return results["label"] if list(results) == ["label"] else results
 
 
-def class_task(args, folder):
-    """(class names, templates) of an image folder: folder names with _ -> space, or --classnames."""
+def class_task(folder, classnames=None, templates=None):
+    """(class names, templates) of an image folder: folder names with _ -> space, or a --classnames file; CLIP's
+    7-template ensemble unless --templates says otherwise. train.py's --zeroshot-data uses the defaults."""
     names = [c.replace("_", " ") for c in folder.classes]
-    if args.classnames:
-        names = read_classnames(args.classnames, folder.classes)
-    return names, read_templates(args.templates or "ensemble")
+    if classnames:
+        names = read_classnames(classnames, folder.classes)
+    return names, read_templates(templates or "ensemble")
 
 
 def retrieval(args, model, tokenizer):
