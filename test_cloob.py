@@ -951,7 +951,7 @@ def final_weights(run_dir):
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path):
-    common = [sys.executable, os.path.join(HERE, "train.py"), *FAST, "--batch-size", "4", "--steps", "30",
+    common = [sys.executable, os.path.join(HERE, "train.py"), *FAST, "--batch-size", "4", "--steps", "100",
               "--save-every", "100", "--logs-dir", str(tmp_path), "--workers", "1"]  # a loader worker too
     subprocess.run([*common, "--name", "straight"], check=True, capture_output=True, timeout=120)
     run = subprocess.Popen([*common, "--name", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -963,16 +963,16 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path):
     out, err = run.communicate(timeout=60)
     assert run.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
     stop = re.search(r"stopped by SIGTERM after step (\d+): saved (\S+); continue with the same command and --resume latest", out)
-    assert stop and 3 <= int(stop.group(1)) < 30 and stop.group(2).endswith(f"step_{int(stop.group(1)):07d}.pt")
+    assert stop and 3 <= int(stop.group(1)) < 100 and stop.group(2).endswith(f"step_{int(stop.group(1)):07d}.pt")
     assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "stopped" / "checkpoints" / "*"))] == \
         [os.path.basename(stop.group(2))]  # one whole file, no temp file
     subprocess.run([*common, "--name", "stopped", "--resume", "latest"], check=True, capture_output=True, timeout=120)
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "stopped")
-    assert a["step"] == b["step"] == 30
+    assert a["step"] == b["step"] == 100
     for k in a["state_dict"]:
         assert torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-6), k
     steps = [e["step"] for e in metrics(tmp_path / "stopped") if "loss" in e]
-    assert steps == list(range(1, 31))  # after the resume, metrics.jsonl holds each step once
+    assert steps == list(range(1, 101))  # after the resume, metrics.jsonl holds each step once
 
 
 def worker_pids(pid):
