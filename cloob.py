@@ -5,7 +5,6 @@ CLIP  (Radford et al. 2021): symmetric InfoNCE on the normalised features, learn
 CLOOB (Fürst et al. 2021): retrieve both modalities from modern Hopfield networks that store the batch,
        then apply InfoLOOB (InfoNCE with the positive left out of the denominator) to the retrievals.
 """
-import contextlib
 import functools
 import glob
 import gzip
@@ -135,10 +134,6 @@ class Tokenizer:
             return list(text.encode("utf-8"))
         return self.enc.encode(self._prepare(text), allowed_special="all")  # CLIP's special tokens honoured, as OpenAI
 
-    def decode(self, ids):
-        ids = [i for i in ids if i < self.sot]
-        return bytes(ids).decode("utf-8", "replace") if self.enc is None else self.enc.decode(ids).strip()
-
     def __call__(self, texts):
         """list of str (or one str) -> LongTensor [B, L], L <= context_length: the columns after the longest row's end
         id, rounded up to a multiple of 8 (few distinct shapes), are cut. Exact: under causal attention a position never
@@ -156,32 +151,11 @@ class Tokenizer:
 # Towers. Modules batch-first ([B, L, D]); state_dict names and shapes are OpenAI's.
 
 
-@contextlib.contextmanager
-def frozen_batchnorm_statistics(module):
-    """BatchNorm layers (in train mode) normalise with the batch's statistics but leave their running statistics and
-    num_batches_tracked as they were: for forwards that a step repeats (checkpointing's recompute, gradient caching).
-    Momentum 0 keeps the computation (and what autograd saves) the same as an updating forward's."""
-    layers = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(layers, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
-
-
 def _run_blocks(tower, blocks, x, *args):
-    """Residual blocks in order; with tower.grad_checkpointing, activations are recomputed in backward (BatchNorm's
-    running statistics are updated by the first forward only)."""
+    """Residual blocks in order; with tower.grad_checkpointing, activations are recomputed in backward."""
     ckpt = tower.grad_checkpointing and torch.is_grad_enabled()
     for block in blocks:
-        contexts = lambda: (contextlib.nullcontext(), frozen_batchnorm_statistics(block))  # forward, recompute
-        # torch.compile traces the block once and recomputes values only: buffers are updated once anyway
-        kwargs = {} if torch.compiler.is_compiling() else dict(context_fn=contexts)
-        x = checkpoint(block, x, *args, use_reentrant=False, **kwargs) if ckpt else block(x, *args)
+        x = checkpoint(block, x, *args, use_reentrant=False) if ckpt else block(x, *args)
     return x
 
 
@@ -402,24 +376,6 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _AllGather(torch.autograd.Function):
-    """[n, D] on each rank -> [W*n, D]. Backward sums every rank's gradient of its slice: each rank's loss
-    depends on all ranks' features, and DDP's mean over ranks then gives the full-batch gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
-        dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
-
-
 class _AllReduce(torch.autograd.Function):
     """Sum over ranks. Every rank's loss depends on the sum, so the gradient of each rank's part is the sum of all
     ranks' gradients of the total (DDP's mean over ranks then gives the full-batch gradient)."""
@@ -440,29 +396,27 @@ class SyncBatchNorm(nn.BatchNorm2d):
     sums are all-reduced with gradient, so W ranks of n images compute what one process of W*n does. Works with any
     backend (torch's SyncBatchNorm needs a GPU). train.py --sync-bn turns a ResNet's BatchNorm2d layers into this."""
 
-    def forward(self, x):  # [B, C, H, W]
+    def forward(self, x):  # [B, C, H, W]; every rank's batch has the same size (as train.py's)
         if not (self.training and _distributed()):
             return super().forward(x)
-        xf = x.float()
-        count = xf.new_tensor([x.numel() / x.shape[1]])
-        sums = _AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))  # [2C + 1]
-        n = sums[-1]
-        mean, mean_sq = sums[:-1].view(2, -1) / n  # [C] each
+        xf, n = x.float(), x.numel() / x.shape[1] * dist.get_world_size()  # n: values per channel, all ranks
+        mean, mean_sq = _AllReduce.apply(torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n  # [C] each
         var = mean_sq - mean * mean
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
+        self.num_batches_tracked += 1
+        self.running_mean.lerp_(mean.detach(), self.momentum)
+        self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
         scale = self.weight * torch.rsqrt(var + self.eps)  # [C]
         return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
 def gather(x):
-    """All ranks' rows (with gradient) and where this rank's rows start; identity in one process."""
+    """All ranks' rows [n, D] -> [W*n, D] (with gradient) and where this rank's rows start; identity in one process.
+    An all-reduce of each rank's rows placed in zeros: its backward sums every rank's gradient of this rank's rows, and
+    each rank's loss depends on all ranks' features (features are small: the all-reduce costs little over a gather)."""
     if not _distributed():
         return x, 0
-    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
+    offset = dist.get_rank() * x.shape[0]
+    return _AllReduce.apply(F.pad(x, (0, 0, offset, (dist.get_world_size() - 1) * x.shape[0] - offset))), offset
 
 
 def _check_batch(n):

@@ -375,16 +375,19 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     DDP is bypassed: the gradients are averaged over ranks once, at the end, as DDP would. -> the loss."""
     chunks = list(zip(images.chunk(args.accum_steps), tokens.chunk(args.accum_steps)))
     model = cloob.unwrap(net)
-    with torch.no_grad(), ctx, cloob.frozen_batchnorm_statistics(model):
-        features = [net(i, t) for i, t in chunks]
+    with torch.no_grad(), ctx:
+        features = [net(*chunks[0])]
+        saved = [b.clone() for b in model.buffers()]  # BatchNorm's running statistics after one forward: kept
+        features += [net(i, t) for i, t in chunks[1:]]
     x = torch.cat([f[0] for f in features]).float().requires_grad_()  # [B, D]
     y = torch.cat([f[1] for f in features]).float().requires_grad_()
     loss = compute_loss(args, net, x, y)
     scaler.scale(loss).backward()  # -> x.grad, y.grad [B, D] (scaled like the loss under fp16)
-    for k, ((i, t), gx, gy) in enumerate(zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps))):
-        with ctx, (cloob.frozen_batchnorm_statistics(model) if k else nullcontext()):  # running statistics: once
+    for (i, t), gx, gy in zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps)):
+        with ctx:
             xk, yk = net(i, t)
         torch.autograd.backward([xk, yk], [gx.to(xk.dtype), gy.to(yk.dtype)])
+    restore(model.buffers(), saved)
     if world > 1:  # one flat all-reduce (gloo has no AVG)
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         flat = torch.cat([g.flatten() for g in grads])
@@ -392,6 +395,13 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
         for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
             g.copy_(f.view_as(g))
     return loss
+
+
+def restore(buffers, saved):
+    """BatchNorm's running statistics back to those after the step's first forward: a step updates them once, whatever
+    forwards it repeats (gradient caching's second pass, checkpointing's recompute)."""
+    for buffer, value in zip(buffers, saved):
+        buffer.copy_(value)
 
 
 def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
@@ -408,8 +418,10 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     else:
         with ctx:
             x, y = net(images, tokens)
+        saved = [b.clone() for b in model.buffers()] if args.grad_checkpointing else []  # the recompute: kept
         loss = compute_loss(args, model, x, y)
         scaler.scale(loss).backward()
+        restore(model.buffers(), saved)
     finite = torch.isfinite(loss.detach()).float()
     if world > 1:  # a non-finite loss on any rank: skip the step everywhere
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
