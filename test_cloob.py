@@ -1,5 +1,6 @@
 """Tests: CPU, offline, seconds. Reference outputs made by the peers' own code (OpenAI's CLIP, the official CLOOB loss,
 OpenCLIP, Hugging Face transformers) are read from reference/, which holds the script that remade them."""
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -793,7 +794,7 @@ def test_zeroshot_retrieval_on_a_csv(eval_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--data", "{empty}"], "no images in class sub-folders"),
-    (["--data", "{images}", "--classnames", "{names}"], "has 2 class names but the data has 3 class folders"),
+    (["--data", "{images}", "--classnames", "{names}"], "has 2 class names for 3 class folders"),
     (["--data", "nowhere"], "image folder not found: nowhere"),
     (["--image", "nowhere.jpg", "--labels", "a,b"], "nowhere.jpg: missing image"),
     (["--image", "{images}/square/broken.jpg", "--labels", "a,b"], "broken.jpg: corrupt image"),
@@ -922,13 +923,15 @@ def test_bench_times_the_training_step(capsys, monkeypatch):
 
 
 def test_zeroshot_progress_line_every_ten_seconds(monkeypatch, capsys):
-    clock = iter([0.0, 5.0, 12.0, 15.0])  # start, then one reading per update
+    clock = iter([0.0, 5.0, 12.0, 15.0, 30.0])  # start, then one reading per batch
     monkeypatch.setattr(zeroshot.time, "time", lambda: next(clock))
-    update = zeroshot.progress(1000)
-    update(100)  # t=5: too soon
-    update(200)  # t=12: 300 done, 300/12 images/s, 700 left -> eta 28 s
-    update(100)  # t=15: 3 s after the last line
+    model = cloob.CLIP(cloob.CONFIGS["tiny-vit"]).eval()
+    sizes = [100, 200, 100, 600]  # t=5: too soon; t=12: 300 done, 25 images/s, eta 28 s; t=15: 3 s after; t=30: all
+    batches = [(torch.zeros(n, 3, 32, 32), None, {"t": torch.zeros(n, dtype=torch.long)}, collections.Counter())
+               for n in sizes]
+    zeroshot.evaluate(model, cloob.Tokenizer("bytes", 48), {"t": (["a", "b"], ("{}",))}, batches, total=1000)
     assert capsys.readouterr().err == "  300/1000 images, 25 images/s, eta 28 s\n"
+
 
 # ---------------------------------------------------------------------------------------------------- reliability
 import re  # noqa: E402
@@ -1351,7 +1354,7 @@ def test_rollback_stop_and_requeue_continue_the_rollback(tmp_path, monkeypatch, 
     before = {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "r" / "**"), recursive=True)}
     capsys.readouterr()
     assert train.main([*common, "--name", "r", "--resume", "latest"]) is None  # requeued after it finished: exit 0
-    assert capsys.readouterr().out.strip().endswith("has finished: step 6 of 6; nothing to do")
+    assert capsys.readouterr().out.strip().endswith("has finished: step 6 of 6; nothing to do (raise --steps to go on)")
     assert {p: os.path.getmtime(p) for p in glob.glob(str(tmp_path / "r" / "**"), recursive=True)} == before
 
 

@@ -74,11 +74,9 @@ def parse_args(argv=None):
     a("--lr-scheduler", choices=["cosine", "cosine-restarts"])
     a("--restart-cycles", type=COUNT, default=10)
     a("--grad-clip-norm", type=POSITIVE)
-    a("--accum-steps", type=COUNT, default=1, help="split each step's batch into K micro-batches with exact gradient "
-      "caching: same gradient as the whole batch (negatives from all of it), activation memory of one micro-batch")
+    a("--accum-steps", type=COUNT, default=1, help="exact gradient caching over K micro-batches: less memory")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
-    a("--sync-bn", action="store_true", help="ResNets: BatchNorm statistics over the global batch (all ranks): "
-      "needed for the world-size invariance of a ResNet run")
+    a("--sync-bn", action="store_true", help="ResNets: BatchNorm over the global batch (world-size invariance)")
     a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
     a("--steps", type=COUNT, help="optimizer steps (default: from --epochs; 1000 on synthetic data; 20 with --bench)")
     a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
@@ -138,10 +136,8 @@ def build_model(args, device):
     if tokenizer and tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model "
                          f"{model.config.vocab_size}")
-    if args.method == "cloob":
+    if args.method == "cloob":  # CLIP's: a new model's (1/0.07, learnable), or the loaded one's
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
-    elif not args.pretrained:
-        model.set_temperature(1 / 0.07, learnable=True)
     vit = isinstance(model.config.vision_layers, int)  # AdamW follows the model trained, preset or loaded
     args.beta2 = args.beta2 or (0.98 if vit else 0.999)
     # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of
@@ -514,11 +510,9 @@ def train(args, rank, world, device):
     start, last_good = resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank)
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
-    if start >= total and args.resume == "latest":  # a requeued job whose run has finished
-        print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do")
+    if start >= total:  # a requeued job whose run has finished is not a failure
+        print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    if start >= total:
-        raise ValueError(f"{run_dir} is already at step {start} of {total}: nothing to train (raise --steps)")
     tasks = zeroshot_tasks(args, resolution)
     if rank == 0:
         open_run_dir(args, run_dir, start, total, world)
@@ -527,11 +521,9 @@ def train(args, rank, world, device):
                  f"run dir {run_dir}")
     # stop signals are agreed on over a CPU group, so that every rank stops after the same step, with no device sync
     stop_group = dist.new_group(backend="gloo") if world > 1 else None
-    peak = peak_tflops(device, args.precision)
-    flops = flops_per_sample(model.config) if peak else None
-    # non-finite losses are counted on the device and read only when logging: no host sync in the loop
     skipped, t0, waiting = collections.Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
-    streak, worst, nonfinite = (torch.zeros((), device=device) for _ in range(3))
+    # non-finite losses are counted on the device and read only when logging: no host sync in the loop
+    streak, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
@@ -543,27 +535,25 @@ def train(args, rank, world, device):
         loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
         if step == start and args.compile:
             print0(rank, f"first step, with torch.compile's compilation: {time.time() - t0:.1f} s")
-        streak = (streak + 1) * (1 - finite)
-        worst, nonfinite = torch.maximum(worst, streak), nonfinite + 1 - finite
+        streak, nonfinite = (streak + 1) * (1 - finite), nonfinite + 1 - finite
         done = step + 1
         if done % args.log_every == 0 or done == total:
             stats = torch.stack([loss.double(), torch.tensor(float(sum(skipped.values())), device=device)])
             if world > 1:
                 dist.all_reduce(stats)
-            rate = (done - start) * args.batch_size * world / (time.time() - t0)
+            elapsed = time.time() - t0
             event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
-                         inv_temperature=model.logit_scale.exp().item(), samples_per_s=rate,
-                         mfu=flops * rate / world / (peak * 1e12) if peak else None, skipped=int(stats[1].item()),
-                         nonfinite_steps=int(nonfinite.item()), data_wait=waiting / (time.time() - t0))
-            eta = (total - done) * args.batch_size * world / rate / 60
-            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} "
-                    f"1/T {event['inv_temperature']:.1f} {rate:.0f} samples/s")
-            line += (f" mfu {event['mfu']:.1%}" if peak else "") + f" data {event['data_wait']:.0%} eta {eta:.1f} min"
+                         inv_temperature=model.logit_scale.exp().item(), data_wait=waiting / elapsed,
+                         samples_per_s=(done - start) * args.batch_size * world / elapsed, skipped=int(stats[1].item()),
+                         nonfinite_steps=int(nonfinite.item()))
+            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
+                    f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
+                    f"{event['data_wait']:.0%} eta {(total - done) / (done - start) * elapsed / 60:.1f} min")
             line += f" skipped {dict(skipped)}" if skipped else ""
             line += f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""
             log(run_dir, rank, event, line)
-            if worst.item() >= 5:  # the weights are those before the first of these steps
-                raise FloatingPointError(f"the loss was not finite for {int(worst.item())} steps in a row (by step "
+            if streak.item() >= 5:  # the weights are those before the first of these steps
+                raise FloatingPointError(f"the loss was not finite for {int(streak.item())} steps in a row (by step "
                                          f"{done}); last checkpoint: {last_good or 'none'}; try a lower --lr or "
                                          f"--precision fp32/bf16")
         stop = torch.tensor(float(bool(RECEIVED)))

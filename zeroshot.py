@@ -10,6 +10,7 @@ import collections
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 
@@ -41,19 +42,23 @@ def classifier(model, tokenizer, classnames, templates, device="cpu", batch_size
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, tasks, batches, device="cpu", progress=None, batch_size=256):
+def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_size=256):
     """Zero-shot classification. tasks: {name: (classnames, templates)}; batches: iterable of (images [B, 3, R, R],
     captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
     tensor_batches(). Under torch.distributed each rank passes its own share of the images and all get the
-    totals. -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
+    totals. With `total` images, a progress line (images/s, ETA) goes to stderr every 10 s.
+    -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
     weights = {name: classifier(model, tokenizer, *task, device, batch_size) for name, task in tasks.items()}
     # per task and class: top-1 hits, top-5 hits, images
     counts = {name: torch.zeros(3, len(task[0]), dtype=torch.float64, device=device) for name, task in tasks.items()}
     skipped = torch.zeros((), dtype=torch.float64, device=device)
+    done, start, shown = 0, time.time(), 0.0  # shown: seconds after the start of the last progress line
     for images, _, labels, batch_skipped in batches:
         skipped += sum(batch_skipped.values())
-        if progress:
-            progress(len(images) + sum(batch_skipped.values()))
+        done, elapsed = done + len(images) + sum(batch_skipped.values()), time.time() - start
+        if total and elapsed - shown > 10 and done < total:
+            shown, rate = elapsed, done / elapsed
+            print(f"  {done}/{total} images, {rate:.0f} images/s, eta {(total - done) / rate:.0f} s", file=sys.stderr)
         if not len(images):
             continue
         features = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)  # [B, D]
@@ -163,41 +168,17 @@ def retrieval_recall(image_features, text_features, image_ids, ks=(1, 5, 10), ch
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def read_classnames(path, folders):
-    """--classnames FILE: one name per line, in sorted-folder order."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
-    if len(lines) != len(folders):
-        raise ValueError(f"{path} has {len(lines)} class names but the data has {len(folders)} class folders")
-    return lines
-
-
 def read_templates(spec):
     """--templates: ensemble | single | FILE with one template containing {} per line."""
     if spec in TEMPLATES:
         return TEMPLATES[spec]
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--templates: not a built-in set ({', '.join(TEMPLATES)}) nor a file: {spec}")
-    with open(spec, encoding="utf-8") as f:
-        templates = tuple(line.strip() for line in f if line.strip())
+    templates = tuple(line.strip() for line in pathlib.Path(spec).read_text("utf-8").splitlines() if line.strip())
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         raise ValueError(f"{spec}: every template needs a {{}} for the class name (bad: {bad[:1] or 'file is empty'})")
     return templates
-
-
-def progress(total):
-    """-> a callback taking the number of images just done; prints images/s and ETA on stderr every 10 s."""
-    start = last = time.time()
-    done = 0
-
-    def update(n):
-        nonlocal done, last
-        done, now = done + n, time.time()
-        if now - last > 10 and done < total:
-            rate, last = done / (now - start), now
-            print(f"  {done}/{total} images, {rate:.0f} images/s, eta {(total - done) / rate:.0f} s", file=sys.stderr)
-    return update
 
 
 def parse_args(argv=None):
@@ -228,11 +209,9 @@ def parse_args(argv=None):
 
 def classify_images(args, model, tokenizer):
     """The classic CLIP demo: softmax over the labels of logit_scale x cosine, per image."""
-    if os.path.isfile(args.labels):
-        with open(args.labels, encoding="utf-8") as f:
-            labels = [line.strip() for line in f if line.strip()]
-    else:
-        labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    in_file = os.path.isfile(args.labels)  # a file: one label a line (labels may hold commas)
+    lines = pathlib.Path(args.labels).read_text("utf-8").splitlines() if in_file else args.labels.split(",")
+    labels = [line.strip() for line in lines if line.strip()]
     if not labels:
         raise ValueError(f"--labels {args.labels!r} names no label")
     if len(set(labels)) < len(labels):
@@ -262,7 +241,7 @@ def classify_folder(args, model, tokenizer):
         tasks = {"label": class_task(folder, args.classnames, args.templates)}
         batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
-    results = evaluate(model, tokenizer, tasks, batches, args.device, progress(n), args.batch_size)
+    results = evaluate(model, tokenizer, tasks, batches, args.device, n, args.batch_size)
     for name, r in results.items():
         top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
         print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
@@ -274,11 +253,14 @@ def classify_folder(args, model, tokenizer):
 
 
 def class_task(folder, classnames=None, templates=None):
-    """(class names, templates) of an image folder: folder names with _ -> space, or a --classnames file; CLIP's
-    7-template ensemble unless --templates says otherwise. train.py's --zeroshot-data uses the defaults."""
+    """(class names, templates) of an image folder: folder names with _ -> space, or --classnames FILE (one name per
+    line, in sorted-folder order); CLIP's 7-template ensemble unless --templates says otherwise. train.py's
+    --zeroshot-data uses the defaults."""
     names = [c.replace("_", " ") for c in folder.classes]
     if classnames:
-        names = read_classnames(classnames, folder.classes)
+        names = [line.strip() for line in pathlib.Path(classnames).read_text("utf-8").splitlines() if line.strip()]
+    if len(names) != len(folder.classes):
+        raise ValueError(f"{classnames} has {len(names)} class names for {len(folder.classes)} class folders")
     return names, read_templates(templates or "ensemble")
 
 
