@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import pathlib
 import resource
 import signal
 import statistics
@@ -205,12 +206,12 @@ def setup_distributed():
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save(args, run_dir, model, tokenizer, optimizer, scaler, step, world):
+def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
     path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
     # data randomness is a function of (seed, step, index): torch's generators are the only RNG state
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
-                          beta=args.hopfield_beta if args.method == "cloob" else None, step=step, world_size=world,
+                          beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng, args=vars(args))
     for old in cloob.checkpoints(run_dir)[:-2]:  # keep the newest two (the run directory holds only this run)
         os.remove(old)
@@ -221,7 +222,7 @@ RESUME_KEYS = ("method", "tokenizer", "global_batch", "seed", "train_data", "tra
                "init_inv_tau", "learn_inv_tau")  # with the model config: what the continuation depends on
 
 
-def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
+def resume(args, run_dir, model, optimizer, scaler, rank):
     """-> (the step to continue from, the checkpoint), (0, None) for a new run. --resume latest takes the newest
     checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume."""
     found = cloob.checkpoints(run_dir)
@@ -236,16 +237,13 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
                 raise ValueError(f"--resume: {e}") from None
             print0(rank, f"--resume latest: skipping {e}")
             continue
-        if not isinstance(ckpt, dict) or not {"args", "optimizer", "world_size"} <= ckpt.keys():
+        if not isinstance(ckpt, dict) or not {"args", "optimizer"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a checkpoint of this train.py (start from its weights with "
                              f"--pretrained)")
-        ours = dict(vars(args), **asdict(model.config), tokenizer=tokenizer.name, global_batch=args.batch_size * world,
-                    world_size=world)
-        theirs = dict(ckpt["args"], **ckpt["config"], tokenizer=ckpt["tokenizer"], world_size=ckpt["world_size"],
-                      global_batch=ckpt["args"]["batch_size"] * ckpt["world_size"])
+        ours, theirs = dict(vars(args), **asdict(model.config)), dict(ckpt["args"], **ckpt["config"])
         stream = ["workers", "world_size"] if args.train_data.endswith(".tar") else []  # which shards feed which batch
-        differ = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS, *stream]
-                  if theirs[k] != ours[k]]
+        differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS, *stream]
+                  if theirs.get(k) != ours[k]]
         if differ:
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (an exact continuation "
                              f"needs the same; start a new run from its weights with --pretrained)")
@@ -265,7 +263,7 @@ def resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank):
     return 0, None
 
 
-def open_run_dir(args, run_dir, start, total, world):
+def open_run_dir(args, run_dir, start, total):
     """Rank 0: the run directory with this run's config.json; leftovers of a save that was killed removed; after a
     resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again), and
     checkpoints after it (a rollback with --resume PATH) are moved aside: --resume latest continues this line."""
@@ -273,22 +271,18 @@ def open_run_dir(args, run_dir, start, total, world):
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
         for tmp in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")):
             os.remove(tmp)
-        later = [p for p in cloob.checkpoints(run_dir) if int(os.path.basename(p)[5:-3]) > start]  # step_0000040.pt
         aside = os.path.join(run_dir, f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}")
-        if later:
-            os.makedirs(aside)
-            print(f"--resume {args.resume}: the {len(later)} later checkpoints are moved to {aside}")
-        for path in later:
-            os.replace(path, os.path.join(aside, os.path.basename(path)))
+        for path in [p for p in cloob.checkpoints(run_dir) if int(os.path.basename(p)[5:-3]) > start]:  # step_0000040
+            print(f"--resume {args.resume}: a later checkpoint, {os.path.basename(path)}, is moved to {aside}")
+            os.renames(path, os.path.join(aside, os.path.basename(path)))  # makes the folder
         metrics = os.path.join(run_dir, "metrics.jsonl")
         if os.path.isfile(metrics):
-            with open(metrics) as f:
-                kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= start]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(kept)
+            lines = pathlib.Path(metrics).read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start]
+            pathlib.Path(metrics + ".tmp").write_text("".join(kept))
             os.replace(metrics + ".tmp", metrics)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dict(vars(args), world_size=world, total_steps=total), f, indent=1)
+            json.dump(dict(vars(args), total_steps=total), f, indent=1)
     except OSError as e:
         raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
 
@@ -314,12 +308,10 @@ def zeroshot_tasks(args, resolution):
     return None
 
 
-@torch.no_grad()
 def evaluate(model, tokenizer, device, tasks):
     """Zero-shot top-1 of each task: every rank evaluates its share of the images and gets the same results."""
-    model = cloob.unwrap(model)
     was_training = model.training
-    results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device) if tasks else {}
+    results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device)
     model.train(was_training)
     return {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
 
@@ -507,7 +499,8 @@ def train(args, rank, world, device):
     model, tokenizer = build_model(args, device)
     resolution = model.config.image_resolution
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
-    start, last_good = resume(args, run_dir, model, tokenizer, optimizer, scaler, world, rank)
+    args.tokenizer, args.world_size, args.global_batch = tokenizer.name, world, world * args.batch_size  # for resume
+    start, last_good = resume(args, run_dir, model, optimizer, scaler, rank)
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:  # a requeued job whose run has finished is not a failure
@@ -515,7 +508,7 @@ def train(args, rank, world, device):
         return 0
     tasks = zeroshot_tasks(args, resolution)
     if rank == 0:
-        open_run_dir(args, run_dir, start, total, world)
+        open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; "
                  f"run dir {run_dir}")
@@ -565,12 +558,11 @@ def train(args, rank, world, device):
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
         if save_now and rank == 0:
-            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, world)
-        if evaluate_now:  # also at a stop: the resumed run starts after this step
+            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
+        if evaluate_now and tasks:  # also at a stop: the resumed run starts after this step
             results = evaluate(model, tokenizer, device, tasks)
-            if results:
-                line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
-                log(run_dir, rank, {"step": done, **results}, line)
+            line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
+            log(run_dir, rank, {"step": done, **results}, line)
         if stop and done < total:
             number = (RECEIVED or [signal.SIGTERM])[0]
             print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue "
