@@ -16,7 +16,7 @@ import unicodedata
 import warnings
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -596,8 +596,6 @@ def checkpoints(run_dir):
 def _read(path):
     """-> (state dict with OpenAI's names, info) of any supported checkpoint file or folder. info: format, method,
     tokenizer, and "config" (ours) or "arch" (ModelConfig fields known beyond the tensor shapes)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     config_file, weights = _model_files(path)
     if os.path.isdir(path):
         found = [weights] if weights else checkpoints(path)
@@ -607,9 +605,8 @@ def _read(path):
     if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
         with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
             warnings.simplefilter("ignore", DeprecationWarning)
-            jit = torch.jit.load(path, map_location="cpu")
-            extras = ("input_resolution", "context_length", "vocab_size")
-            sd = {k: v for k, v in jit.state_dict().items() if k not in extras}
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+            sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
             return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip")
     ckpt = read_file(path)
     if not isinstance(ckpt, dict):

@@ -5,6 +5,7 @@ import csv
 import io
 import math
 import os
+import pathlib
 import re
 import tarfile
 import zlib
@@ -31,11 +32,6 @@ def normalize(pixels):
     return (pixels.float() / 255 - mean) / std
 
 
-def to_tensor(pixels):
-    """RGB pixels [..., R, R, 3] in 0..255 (an array or a PIL image) -> normalised float tensor [..., 3, R, R]."""
-    return normalize(channels_first(pixels)).contiguous()
-
-
 def to_rgb(image):
     """Any PIL mode -> RGB. 16-bit greyscale is scaled to 8 bits first (PIL's convert would clip it to white)."""
     if image.mode.startswith("I;16") or image.mode == "I":
@@ -51,7 +47,7 @@ def preprocess(image, resolution):
         w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
         image = image.resize((w, h), Image.BICUBIC)
     left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
-    return to_tensor(to_rgb(image.crop((left, top, left + resolution, top + resolution))))
+    return normalize(channels_first(to_rgb(image.crop((left, top, left + resolution, top + resolution)))))
 
 
 def crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -192,8 +188,7 @@ class CsvCaptions(torch.utils.data.Dataset):
     def __init__(self, path, img_key="filepath", caption_key="title", separator=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = pathlib.Path(path).read_bytes()
         try:
             text = raw.decode("utf-8-sig")  # a byte-order mark, as spreadsheet programs write, is dropped
         except UnicodeDecodeError as e:
@@ -289,9 +284,6 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __init__(self, dataset, resolution, seed=0):
         self.dataset, self.resolution, self.seed = dataset, resolution, seed
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, keys):
         images, captions, skipped = [], [], collections.Counter()

@@ -7,14 +7,12 @@ SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpo
 import argparse
 import collections
 import gc
-import glob
 import json
 import math
 import os
 import pathlib
 import resource
 import signal
-import statistics
 import sys
 import threading
 import time
@@ -72,8 +70,7 @@ def parse_args(argv=None):
     a("--beta2", type=FRACTION, help="default 0.98 ViT, 0.999 ResNet")
     a("--eps", type=POSITIVE, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
     a("--warmup", type=NATURAL, help="steps (default 20000; 500 on synthetic data)")
-    a("--lr-scheduler", choices=["cosine", "cosine-restarts"])
-    a("--restart-cycles", type=COUNT, default=10)
+    a("--restart-cycles", type=COUNT, help="cosine cycles after the warm-up (default 10, as CLOOB; 1 on synthetic)")
     a("--grad-clip-norm", type=POSITIVE)
     a("--accum-steps", type=COUNT, default=1, help="exact gradient caching over K micro-batches: less memory")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
@@ -92,9 +89,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     synthetic = args.train_data == "synthetic"
     # the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (see README, Train)
-    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=5e-4, warmup=500, lr_scheduler="cosine",
+    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=5e-4, warmup=500, restart_cycles=1,
                     steps=20 if args.bench else 1000, workers=0) if synthetic else \
-        dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, lr_scheduler="cosine-restarts",
+        dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, restart_cycles=10,
              epochs=70, workers=2)
     if args.pretrained:  # the architecture is the checkpoint's; the run is named after it
         args.model = os.path.basename(os.path.normpath(args.pretrained)).split(".")[0]
@@ -114,12 +111,10 @@ def parse_args(argv=None):
 
 
 def get_lr(step, args, total):
-    """Linear warmup, then cosine to 0 (optionally restarted `restart_cycles` times)."""
+    """Linear warmup, then cosine to 0, in `restart_cycles` cycles (each restarts at the full rate)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, total - args.warmup)
-    if args.lr_scheduler == "cosine-restarts":
-        progress = (progress * args.restart_cycles) % 1.0
+    progress = (step - args.warmup) / max(1, total - args.warmup) * args.restart_cycles % 1.0
     return 0.5 * args.lr * (1 + math.cos(math.pi * progress))
 
 
@@ -269,7 +264,7 @@ def open_run_dir(args, run_dir, start, total):
     checkpoints after it (a rollback with --resume PATH) are moved aside: --resume latest continues this line."""
     try:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        for tmp in glob.glob(os.path.join(run_dir, "checkpoints", "*.tmp")):
+        for tmp in pathlib.Path(run_dir, "checkpoints").glob("*.tmp"):
             os.remove(tmp)
         aside = os.path.join(run_dir, f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}")
         for path in [p for p in cloob.checkpoints(run_dir) if int(os.path.basename(p)[5:-3]) > start]:  # step_0000040
@@ -472,7 +467,7 @@ def bench(args, model, device, world):
         train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
         sync()
         times.append(time.perf_counter() - t0)
-    step, flops, peak = statistics.median(times[5:]), flops_per_sample(c), peak_tflops(device, args.precision)
+    step, flops, peak = torch.tensor(times[5:]).median().item(), flops_per_sample(c), peak_tflops(device, args.precision)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
     result = dict(model=args.model, method=args.method, batch_size=args.batch_size, precision=args.precision,

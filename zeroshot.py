@@ -100,7 +100,8 @@ def synthetic_benchmark(resolution, n=500, seed=0):
     """The built-in benchmark: n images of the held-out shape/colour/position triples and its zero-shot tasks.
     -> (tasks, images [n, 3, R, R], labels {task: [n]})."""
     pixels, _, labels = data.Synthetic(n, resolution, split="heldout", seed=seed).render(range(n))
-    return dict(data.ZEROSHOT_TASKS), data.to_tensor(pixels), {k: torch.from_numpy(v) for k, v in labels.items()}
+    images = data.normalize(data.channels_first(pixels)).contiguous()
+    return dict(data.ZEROSHOT_TASKS), images, {k: torch.from_numpy(v) for k, v in labels.items()}
 
 
 class Samples(torch.utils.data.Dataset):
@@ -109,9 +110,6 @@ class Samples(torch.utils.data.Dataset):
 
     def __init__(self, dataset, resolution):
         self.dataset, self.resolution = dataset, resolution
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, idx):
         item = self.dataset[idx]
