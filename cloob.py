@@ -235,6 +235,7 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        nn.init.zeros_(self.bn3.weight)  # OpenAI's: the block starts as the identity
         self.downsample = None
         if stride > 1 or inplanes != planes * 4:  # "-1" keeps OpenAI's key names downsample.0 / downsample.1
             self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)),
@@ -256,6 +257,8 @@ class AttentionPool2d(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
         self.c_proj = nn.Linear(embed_dim, output_dim)
+        for linear in [self.q_proj, self.k_proj, self.v_proj, self.c_proj]:  # OpenAI's: 1/sqrt(fan-in)
+            nn.init.normal_(linear.weight, std=embed_dim ** -0.5)
         self.heads = heads
 
     def forward(self, x):
@@ -310,17 +313,10 @@ class CLIP(nn.Module):
         self.initialize_parameters()
 
     def initialize_parameters(self):
-        """OpenAI's scheme: small embeddings, 1/sqrt(fan-in) attention pooling, zero last BN of each bottleneck
-        (blocks start as identity), depth-scaled residual projections in the transformers."""
+        """OpenAI's scheme: small embeddings, depth-scaled residual projections in the transformers (the ResNet's
+        attention pooling and bottlenecks initialise themselves)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        if isinstance(self.visual, ModifiedResNet):
-            pool = self.visual.attnpool
-            for lin in [pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj]:
-                nn.init.normal_(lin.weight, std=pool.c_proj.in_features ** -0.5)
-            for name, p in self.visual.named_parameters():
-                if name.endswith("bn3.weight") and name.startswith("layer"):
-                    nn.init.zeros_(p)
         towers = [self.transformer] + ([self.visual.transformer] if isinstance(self.visual, VisionTransformer) else [])
         for t in towers:
             proj_std = t.width ** -0.5 * (2 * t.layers) ** -0.5
@@ -399,9 +395,9 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x):  # [B, C, H, W]; every rank's batch has the same size (as train.py's)
         if not (self.training and _distributed()):
             return super().forward(x)
-        xf, n = x.float(), x.numel() / x.shape[1] * dist.get_world_size()  # n: values per channel, all ranks
-        mean, mean_sq = _AllReduce.apply(torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n  # [C] each
-        var = mean_sq - mean * mean
+        xf, n = x.to(self.weight.dtype), x.numel() / x.shape[1] * dist.get_world_size()  # n: per channel, all ranks
+        mean = _AllReduce.apply(xf.sum((0, 2, 3))) / n  # [C]
+        var = _AllReduce.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / n  # two passes, as BatchNorm2d
         self.num_batches_tracked += 1
         self.running_mean.lerp_(mean.detach(), self.momentum)
         self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d

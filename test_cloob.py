@@ -223,20 +223,34 @@ def test_batch_of_one_is_a_clear_error(loss_fn, args):
         loss_fn(x, x, *args)
 
 
+def _distributed_setup(method):
+    """-> (model, images, tokens, loss function) of a micro CLIP; "sync-bn": a ResNet with cloob.SyncBatchNorm, in float64
+    (rounding out of the way) and with its last BatchNorm gains drawn (OpenAI's zero init would hide the blocks)."""
+    torch.manual_seed(0)
+    images, tokens = micro_batch(8)
+    if method == "sync-bn":
+        model = cloob.CLIP(dataclasses.replace(MICRO, vision_layers=(1, 1, 1, 1), vision_width=16, image_resolution=32))
+        model.double()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.__class__ = cloob.SyncBatchNorm
+                torch.nn.init.normal_(m.weight)
+        images = F.interpolate(images, size=32).double()
+    else:
+        model = cloob.CLIP(MICRO)
+    if method != "clip":  # fixed inv_tau, as in training (DDP would wait for an unused parameter's gradient)
+        model.set_temperature(30.0, learnable=False)
+    loss_fn = (lambda x, y: cloob.clip_loss(x, y, model.logit_scale.exp())) if method == "clip" else \
+        (lambda x, y: cloob.cloob_loss(x, y, 30.0, 8.0))
+    return model, images, tokens, loss_fn
+
+
 def _distributed_worker(rank, world, tmp, method):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = cloob.CLIP(MICRO)
-    if method == "cloob":  # fixed inv_tau, as in training (DDP would wait for an unused parameter's gradient)
-        model.set_temperature(30.0, learnable=False)
+    model, images, tokens, loss_fn = _distributed_setup(method)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    images, tokens = micro_batch(8)
     n = 8 // world
-    x, y = ddp(images[rank * n:(rank + 1) * n], tokens[rank * n:(rank + 1) * n])
-    if method == "cloob":
-        loss = cloob.cloob_loss(x, y, 30.0, 8.0)
-    else:
-        loss = cloob.clip_loss(x, y, model.logit_scale.exp())
+    loss = loss_fn(*ddp(images[rank * n:(rank + 1) * n], tokens[rank * n:(rank + 1) * n]))
     loss.backward()
     mean_loss = loss.detach().clone()  # each rank's loss is the mean over its own rows
     dist.all_reduce(mean_loss)
@@ -246,20 +260,18 @@ def _distributed_worker(rank, world, tmp, method):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("method", ["clip", "cloob"])
+@pytest.mark.parametrize("method", ["clip", "cloob", "sync-bn"])
 def test_distributed_loss_equals_full_batch(method, tmp_path):
-    torch.manual_seed(0)
-    model = cloob.CLIP(MICRO)
-    images, tokens = micro_batch(8)
-    x, y = model(images, tokens)
-    loss = cloob.cloob_loss(x, y, 30.0, 8.0) if method == "cloob" else cloob.clip_loss(x, y, model.logit_scale.exp())
+    model, images, tokens, loss_fn = _distributed_setup(method)
+    loss = loss_fn(*model(images, tokens))
     loss.backward()
     mp.spawn(_distributed_worker, args=(2, str(tmp_path), method), nprocs=2)
     dist_loss, dist_grads = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert dist_loss == pytest.approx(loss.item(), rel=1e-5)
+    assert dist_loss == pytest.approx(loss.item(), rel=1e-5 if method != "sync-bn" else 1e-12)
     for name, p in model.named_parameters():
-        if name != "logit_scale" or method == "clip":
-            assert torch.allclose(dist_grads[name], p.grad, atol=1e-6, rtol=1e-4), name
+        if p.grad is not None and name != "visual.attnpool.k_proj.bias":  # softmax ignores a key bias: 0, or noise
+            atol, rtol = (1e-6, 1e-4) if method != "sync-bn" else (1e-12, 1e-8)
+            assert torch.allclose(dist_grads[name], p.grad, atol=atol, rtol=rtol), name
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
@@ -1196,10 +1208,13 @@ def test_sync_bn_makes_two_resnet_ranks_reproduce_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--name", "two", "--sync-bn"],
                    check=True, capture_output=True, cwd=HERE, timeout=120)
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4, abs=1e-5)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    # the first loss agrees to float rounding (without --sync-bn it differs by 18%); after it, Adam turns rounding in
+    # near-zero gradients into +-lr steps (a float64 check of the gradients: equal to 1e-8), so the curve agrees to 1e-3
+    assert two[0] == pytest.approx(one[0], rel=1e-5) and two == pytest.approx(one, rel=1e-3)
     a, b = final_weights(tmp_path / "one")["state_dict"], final_weights(tmp_path / "two")["state_dict"]
-    for k in ("visual.bn1.running_mean", "visual.layer4.0.bn3.running_var", "visual.attnpool.c_proj.weight"):
-        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+    for k in ("visual.bn1.running_var", "visual.layer4.0.bn3.running_var"):  # statistics of the global batch
+        assert torch.allclose(a[k], b[k], rtol=5e-3), k
 
 
 @pytest.mark.parametrize("flags", [["--accum-steps", "4"], ["--grad-checkpointing"]])

@@ -373,10 +373,9 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     restore(model.buffers(), saved)
     if world > 1:  # one flat all-reduce (gloo has no AVG)
         grads = [p.grad for p in net.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
+        flat = torch.nn.utils.parameters_to_vector(grads)
         dist.all_reduce(flat)
-        for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
-            g.copy_(f.view_as(g))
+        torch.nn.utils.vector_to_parameters(flat.div_(world), grads)  # each gradient becomes a view of `flat`
     return loss
 
 
