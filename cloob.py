@@ -489,8 +489,7 @@ def infer_config(sd):
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_safetensors(path):
@@ -642,16 +641,13 @@ def load_model(path, **overrides):
     (QuickGELU, 64-wide heads) and a warning says so."""
     sd, info = _read(path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    try:
+    try:  # overrides must be ModelConfig fields (else a TypeError)
         config = replace(info.pop("config", None) or infer_config(sd), **{**info.pop("arch", {}), **overrides})
     except KeyError as e:
         raise ValueError(f"{path}: not a CLIP/CLOOB state dict (no {e}); first keys: {list(sd)[:5]}") from None
-    except TypeError as e:  # an override that is not a ModelConfig field
-        raise ValueError(f"load_model: {e}") from None
     if info["format"] == "openai-state-dict" and "quick_gelu" not in overrides:
-        warnings.warn(f"{path} does not record its architecture: assuming OpenAI's QuickGELU and 64-wide heads. An "
-                      f"OpenCLIP model not named -quickgelu uses GELU: load it with quick_gelu=False (--gelu); set "
-                      f"vision_heads= / transformer_heads= for other head widths", stacklevel=2)
+        warnings.warn(f"{path} records no architecture: assuming OpenAI's QuickGELU and 64-wide heads (OpenCLIP models "
+                      f"not named -quickgelu use GELU: quick_gelu=False, --gelu; other heads: vision_heads= ...)")
     model = CLIP(config)
     try:
         model.load_state_dict(sd)

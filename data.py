@@ -207,8 +207,7 @@ class CsvCaptions(torch.utils.data.Dataset):
         self.rows = []
         for row in reader:
             if any("\n" in (row[k] or "") or "\r" in (row[k] or "") for k in (img_key, caption_key)):
-                raise ValueError(f"{path}, line {reader.line_num}: a field runs over several lines (a quote that does "
-                                 f"not close?)")
+                raise ValueError(f"{path}, line {reader.line_num}: a field runs over several lines (no end quote?)")
             self.rows.append((row[img_key], row[caption_key]))
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")

@@ -124,14 +124,13 @@ def build_model(args, device):
     if args.pretrained:
         model, info = cloob.load_model(args.pretrained, **(dict(quick_gelu=False) if args.gelu else {}))
         tokenizer = cloob.Tokenizer(args.tokenizer or info["tokenizer"], model.config.context_length)
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise ValueError(f"{tokenizer.name} tokenizer: {tokenizer.vocab_size} ids; model {model.config.vocab_size}")
     else:
         config = cloob.CONFIGS[args.model]
         tokenizer = None if args.bench else cloob.Tokenizer(args.tokenizer, config.context_length)
         torch.manual_seed(args.seed)
         model = cloob.CLIP(replace(config, vocab_size=tokenizer.vocab_size) if tokenizer else config)
-    if tokenizer and tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} ids, the model "
-                         f"{model.config.vocab_size}")
     if args.method == "cloob":  # CLIP's: a new model's (1/0.07, learnable), or the loaded one's
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
     vit = isinstance(model.config.vision_layers, int)  # AdamW follows the model trained, preset or loaded
@@ -222,8 +221,7 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
     checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume."""
     found = cloob.checkpoints(run_dir)
     if not args.resume and found:
-        raise ValueError(f"{run_dir} already holds a run's checkpoints: continue it with --resume latest, "
-                         f"or choose another --name")
+        raise ValueError(f"{run_dir} holds a run's checkpoints: continue with --resume latest or pick another --name")
     for path in (reversed(found) if args.resume == "latest" else [args.resume] if args.resume else []):
         try:
             ckpt = cloob.read_file(path)
@@ -233,15 +231,13 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             print0(rank, f"--resume latest: skipping {e}")
             continue
         if not isinstance(ckpt, dict) or not {"args", "optimizer"} <= ckpt.keys():
-            raise ValueError(f"--resume: {path} is not a checkpoint of this train.py (start from its weights with "
-                             f"--pretrained)")
+            raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
         ours, theirs = dict(vars(args), **asdict(model.config)), dict(ckpt["args"], **ckpt["config"])
         stream = ["workers", "world_size"] if args.train_data.endswith(".tar") else []  # which shards feed which batch
         differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS, *stream]
                   if theirs.get(k) != ours[k]]
         if differ:
-            raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (an exact continuation "
-                             f"needs the same; start a new run from its weights with --pretrained)")
+            raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (a new run: --pretrained)")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
@@ -466,7 +462,7 @@ def bench(args, model, device, world):
         train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
         sync()
         times.append(time.perf_counter() - t0)
-    step, flops, peak = torch.tensor(times[5:]).median().item(), flops_per_sample(c), peak_tflops(device, args.precision)
+    step, flops, peak = sorted(times[5:])[len(times[5:]) // 2], flops_per_sample(c), peak_tflops(device, args.precision)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
     result = dict(model=args.model, method=args.method, batch_size=args.batch_size, precision=args.precision,
