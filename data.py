@@ -153,8 +153,7 @@ class Synthetic(torch.utils.data.Dataset):
             dx = grid[None, None, :] - centre[rows, 0, None, None]  # [rows, 1, 2R]
             dy = grid[None, :, None] - centre[rows, 1, None, None]  # [rows, 2R, 1]
             inside[rows] = test(dx, dy, radius[rows, None, None])
-        covered = inside[:, ::2, ::2] + inside[:, 1::2, ::2] + inside[:, ::2, 1::2] + inside[:, 1::2, 1::2]  # [n, R, R]
-        alpha = covered[..., None] / 4
+        alpha = inside.reshape(n, R, 2, R, 2).mean(axis=(2, 4))[..., None]  # [n, R, R, 1]: the covered fraction
         pixels = background + alpha * (fill[:, None, None, :] - background)  # [n, R, R, 3]
         captions = [self.caption(rng, *args) for rng, *args in zip(rngs, shape, colour, size, position)]
         labels = dict(shape=np.array([SHAPES.index(s) for s in shape]),
@@ -225,9 +224,10 @@ class CsvCaptions(torch.utils.data.Dataset):
 
 class ImageFolder(torch.utils.data.Dataset):
     """One sub-folder per class (sorted), images found at any depth below it. Items: (path, class folder name,
-    {"label": class index}). A class folder without images stays a candidate label and is reported."""
+    {task: class index}). A class folder without images stays a candidate label and is reported."""
 
-    def __init__(self, root):
+    def __init__(self, root, task="label"):
+        self.task = task
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -243,7 +243,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         path, label = self.items[idx]
-        return path, self.classes[label], {"label": label}
+        return path, self.classes[label], {self.task: label}
 
 
 def find_images(folder):

@@ -31,13 +31,12 @@ import zeroshot
 
 def checked(kind, ok, rule):
     """An argparse type: a `kind` value for which ok(value) holds, else a usage error saying `rule`."""
-    def parse(text):
+    def number(text):  # argparse names it in "invalid number value"
         value = kind(text)
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{text} is not {rule}")
         return value
-    parse.__name__ = kind.__name__
-    return parse
+    return number
 
 
 COUNT = checked(int, lambda v: v >= 1, ">= 1")
@@ -155,8 +154,7 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
     the dataset is one batch: tar shards stream them, the others are indexed by data.GlobalBatches."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
-              worker_init_fn=_worker_signals, persistent_workers=args.workers > 0,
-              pin_memory=torch.cuda.is_available())
+              worker_init_fn=_worker_signals, pin_memory=torch.cuda.is_available())  # iterated once, forever
     dataset.resolution = resolution  # images are made at the model's resolution
     if isinstance(dataset, data.TarShards):
         dataset.start = start
@@ -289,22 +287,13 @@ def zeroshot_tasks(args, resolution):
     """-> (zero-shot tasks, a function giving this rank's batches of them), or None: --zeroshot-data (named after the
     folder, as zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark."""
     if args.zeroshot_data:
-        folder, name = data.ImageFolder(args.zeroshot_data), os.path.basename(os.path.normpath(args.zeroshot_data))
-        tasks = {name: zeroshot.class_task(folder)}
+        folder = data.ImageFolder(args.zeroshot_data, task=os.path.basename(os.path.normpath(args.zeroshot_data)))
         batches = lambda: zeroshot.loader(folder, resolution, args.batch_size, args.workers)
-        return tasks, lambda: ((images, texts, {name: labels["label"]}, n) for images, texts, labels, n in batches())
+        return {folder.task: zeroshot.class_task(folder)}, batches
     if args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
         return tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size)
     return None
-
-
-def evaluate(model, tokenizer, device, tasks):
-    """Zero-shot top-1 of each task: every rank evaluates its share of the images and gets the same results."""
-    was_training = model.training
-    results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device)
-    model.train(was_training)
-    return {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
 
 
 def print0(rank, line):
@@ -465,11 +454,10 @@ def bench(args, model, device, world):
     step, flops, peak = sorted(times[5:])[len(times[5:]) // 2], flops_per_sample(c), peak_tflops(device, args.precision)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
-    result = dict(model=args.model, method=args.method, batch_size=args.batch_size, precision=args.precision,
-                  compile=args.compile, accum_steps=args.accum_steps, grad_checkpointing=args.grad_checkpointing,
+    settings = ("model", "method", "batch_size", "precision", "compile", "accum_steps", "grad_checkpointing")
+    result = dict({k: vars(args)[k] for k in settings}, step_ms=step * 1e3, samples_per_s=args.batch_size / step,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  step_ms=step * 1e3, samples_per_s=args.batch_size / step, flops_per_sample=flops,
-                  peak_memory_gib=memory / 2 ** 30,
+                  flops_per_sample=flops, peak_memory_gib=memory / 2 ** 30,
                   mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
     print(json.dumps(result))
     return result
@@ -550,9 +538,12 @@ def train(args, rank, world, device):
         if save_now and rank == 0:
             last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
         if evaluate_now and tasks:  # also at a stop: the resumed run starts after this step
-            results = evaluate(model, tokenizer, device, tasks)
-            line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in results.items())
-            log(run_dir, rank, {"step": done, **results}, line)
+            # every rank evaluates its share of the images and gets the same results
+            results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device)
+            model.train()
+            top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
+            line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items())
+            log(run_dir, rank, {"step": done, **top1}, line)
         if stop and done < total:
             number = (RECEIVED or [signal.SIGTERM])[0]
             print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue "

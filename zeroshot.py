@@ -184,10 +184,11 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--model", required=True, help="any checkpoint file or folder load_model reads, or a train.py run directory")
     a("--gelu", action="store_true", help="--model is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
-    a("--data", help="image folder with one sub-folder per class, or 'synthetic' (the built-in held-out benchmark)")
-    a("--image", nargs="+", help="classify these images against --labels")
+    mode = p.add_mutually_exclusive_group(required=True).add_argument
+    mode("--data", help="image folder with one sub-folder per class, or 'synthetic' (the built-in held-out benchmark)")
+    mode("--image", nargs="+", help="classify these images against --labels")
+    mode("--retrieval", help="CSV/TSV of images and captions: image<->text recall@1/5/10")
     a("--labels", help="labels for --image: comma-separated, or a FILE with one label a line")
-    a("--retrieval", help="CSV/TSV of images and captions: image<->text recall@1/5/10")
     data.csv_arguments(p)
     a("--classnames", help="FILE: one class name per line, in sorted-folder order")
     a("--templates", help="ensemble (CLIP's 7 ImageNet prompts; the folder default) | single | FILE")
@@ -196,8 +197,6 @@ def parse_args(argv=None):
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--output", help="write the results as JSON to this file")
     args = p.parse_args(argv)
-    if sum(x is not None for x in (args.data, args.image, args.retrieval)) != 1:
-        p.error("give exactly one of --data, --image, --retrieval")
     if args.image and not args.labels:
         p.error("--image needs --labels")
     if args.batch_size < 1 or args.workers < 0:
@@ -245,8 +244,7 @@ def classify_folder(args, model, tokenizer):
         print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
               f"images/s" + (f"; {r['skipped']} unreadable, skipped)" if r["skipped"] else ")"))
         worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)
-        print("  per-class top-1, worst first: " + ", ".join(f"{c} {v:.0%}" for v, c in worst[:20]) +
-              (f", ... ({len(worst) - 20} more)" if len(worst) > 20 else ""))
+        print("  per-class top-1, worst first: " + ", ".join(f"{c} {v:.0%}" for v, c in worst[:20]))
     return results["label"] if list(results) == ["label"] else results
 
 
@@ -301,8 +299,7 @@ def run(args):
     else:
         results = classify_folder(args, model, tokenizer)
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(dict(results, model=args.model), f, indent=1)
+        pathlib.Path(args.output).write_text(json.dumps(dict(results, model=args.model), indent=1))
     return results
 
 
