@@ -537,14 +537,11 @@ def _openclip_architecture(cfg, path):
                 transformer_heads=text.get("heads", 8))
 
 
-HF_NAMES = [("text_model.embeddings.token_embedding", "token_embedding"), ("text_model.final_layer_norm", "ln_final"),
-            ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
-            ("text_model.encoder.layers", "transformer.resblocks"),
-            ("vision_model.encoder.layers", "visual.transformer.resblocks"),
-            ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
-            ("vision_model.embeddings.patch_embedding", "visual.conv1"),
-            ("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
-            ("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+# Hugging Face names -> OpenAI's, replaced in this order (the towers' prefixes first)
+HF_NAMES = [("vision_model.", "visual."), ("text_model.", ""), ("encoder.layers", "transformer.resblocks"),
+            ("embeddings.token_embedding", "token_embedding"), ("embeddings.class_embedding", "class_embedding"),
+            ("embeddings.position_embedding.weight", "positional_embedding"), ("embeddings.patch_embedding", "conv1"),
+            ("final_layer_norm", "ln_final"), ("pre_layrnorm", "ln_pre"), ("post_layernorm", "ln_post"),
             ("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
 
@@ -639,8 +636,7 @@ def load_model(path, **overrides):
     "method", "tokenizer", "config" and, when known, "inv_tau", "beta"). Keyword arguments override ModelConfig
     fields (e.g. quick_gelu=False). A bare state dict records no activation or head width: OpenAI's are assumed
     (QuickGELU, 64-wide heads) and a warning says so."""
-    sd, info = _read(path)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd, info = _read(path)  # float16 weights become float32 as they are copied into the model
     try:  # overrides must be ModelConfig fields (else a TypeError)
         config = replace(info.pop("config", None) or infer_config(sd), **{**info.pop("arch", {}), **overrides})
     except KeyError as e:

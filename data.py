@@ -42,10 +42,9 @@ def to_rgb(image):
 def preprocess(image, resolution):
     """OpenAI's evaluation transform in its order: shorter side to `resolution` (bicubic; Pillow resizes palette images
     with NEAREST and RGBA with premultiplied alpha, as there), centre crop, then RGB, normalise."""
-    w, h = image.size
-    if min(w, h) != resolution:  # as torchvision's Resize(int): the longer side is rounded down
-        w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
-        image = image.resize((w, h), Image.BICUBIC)
+    w, h = image.size  # as torchvision's Resize(int): the longer side is rounded down; at the size already: a copy
+    w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
+    image = image.resize((w, h), Image.BICUBIC)
     left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
     return normalize(channels_first(to_rgb(image.crop((left, top, left + resolution, top + resolution)))))
 
@@ -403,8 +402,7 @@ class TarShards(torch.utils.data.IterableDataset):
                                  f"(the {len(shards)} of {len(self.shards)} shards read by rank {self.rank}, loader "
                                  f"worker {slot}): fewer than a batch of {self.batch_size} ({dict(skipped)})")
             found = 0
-            order = np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(len(shards))
-            for shard in (shards[i] for i in order):
+            for shard in np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(shards):
                 try:
                     for image, caption in tar_samples(shard):
                         caption = None if caption is None else caption.decode("utf-8", "replace")

@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from functools import partial
 
@@ -65,12 +64,10 @@ def parse_args(argv=None):
     a("--batch-size", type=COUNT, help="per rank (default 128 synthetic, 64 otherwise: 8 GPUs x 64 = 512)")
     a("--lr", type=POSITIVE)
     a("--wd", type=checked(float, lambda v: 0 <= v < math.inf, ">= 0"), default=0.1)
-    a("--beta1", type=FRACTION, default=0.9)
     a("--beta2", type=FRACTION, help="default 0.98 ViT, 0.999 ResNet")
     a("--eps", type=POSITIVE, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
     a("--warmup", type=NATURAL, help="steps (default 20000; 500 on synthetic data)")
     a("--restart-cycles", type=COUNT, help="cosine cycles after the warm-up (default 10, as CLOOB; 1 on synthetic)")
-    a("--grad-clip-norm", type=POSITIVE)
     a("--accum-steps", type=COUNT, default=1, help="exact gradient caching over K micro-batches: less memory")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
     a("--sync-bn", action="store_true", help="ResNets: BatchNorm over the global batch (world-size invariance)")
@@ -324,13 +321,13 @@ def prepare(args, model, device, world):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.wd},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # not gains, biases, temperature
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=args.eps, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and args.accum_steps == 1 else model
     net = torch.compile(net) if args.compile else net
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    return net, optimizer, scaler, torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return net, optimizer, scaler, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
@@ -392,9 +389,6 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     finite = torch.isfinite(loss.detach()).float()
     if world > 1:  # a non-finite loss on any rank: skip the step everywhere
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if args.grad_clip_norm:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
     if scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients
         scaler.step(optimizer)
         scaler.update()
@@ -475,16 +469,15 @@ def train(args, rank, world, device):
     run_dir = os.path.join(args.logs_dir, args.name)
     dataset = open_data(args, rank, world)
     model, tokenizer = build_model(args, device)
-    resolution = model.config.image_resolution
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     args.tokenizer, args.world_size, args.global_batch = tokenizer.name, world, world * args.batch_size  # for resume
     start, last_good = resume(args, run_dir, model, optimizer, scaler, rank)
-    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start)
+    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, model.config.image_resolution, rank, world, start)
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:  # a requeued job whose run has finished is not a failure
         print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    tasks = zeroshot_tasks(args, resolution)
+    tasks = zeroshot_tasks(args, model.config.image_resolution)
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -525,8 +518,7 @@ def train(args, rank, world, device):
             log(run_dir, rank, event, line)
             if streak.item() >= 5:  # the weights are those before the first of these steps
                 raise FloatingPointError(f"the loss was not finite for {int(streak.item())} steps in a row (by step "
-                                         f"{done}); last checkpoint: {last_good or 'none'}; try a lower --lr or "
-                                         f"--precision fp32/bf16")
+                                         f"{done}); last checkpoint: {last_good or 'none'}; try a lower --lr")
         stop = torch.tensor(float(bool(RECEIVED)))
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
