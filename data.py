@@ -367,10 +367,6 @@ def tar_samples(path):
             raise tarfile.ReadError(f"unexpected end of data in {path}")
 
 
-def usable(image, caption):
-    return image is not None and bool(caption and caption.strip())
-
-
 class TarShards(torch.utils.data.IterableDataset):
     """Webdataset-style shards split over ranks and workers without overlap, looped over forever (shard order
     reshuffled each pass); yields whole batches (images, captions, skipped). A damaged shard is read up to the
@@ -406,9 +402,9 @@ class TarShards(torch.utils.data.IterableDataset):
                 try:
                     for image, caption in tar_samples(shard):
                         caption = None if caption is None else caption.decode("utf-8", "replace")
-                        if skip:  # fast-forward
-                            found += usable(image, caption)
-                            skip -= usable(image, caption)
+                        if skip:  # fast-forward over what this slot made before `start`
+                            usable = image is not None and bool(caption and caption.strip())
+                            found, skip = found + usable, skip - usable
                             continue
                         rng = np.random.default_rng([self.seed, step, len(images), self.rank])
                         try:

@@ -481,8 +481,7 @@ def train(args, rank, world, device):
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-                 f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type}; "
-                 f"run dir {run_dir}")
+                 f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
     # stop signals are agreed on over a CPU group, so that every rank stops after the same step, with no device sync
     stop_group = dist.new_group(backend="gloo") if world > 1 else None
     skipped, t0, waiting = collections.Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds

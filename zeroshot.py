@@ -281,33 +281,29 @@ def retrieval(args, model, tokenizer):
 
 
 @torch.no_grad()
-def run(args):
-    if args.output:  # before any work: a path that cannot be written is a one-line error now, not after the run
-        try:
-            open(args.output, "a").close()
-        except OSError as e:
-            raise ValueError(f"--output {args.output}: {e.strerror}") from None
-    model, info = cloob.load_model(args.model, **(dict(quick_gelu=False) if args.gelu else {}))
-    tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
-    print(f"{args.model}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
-          f"{model.config.image_resolution}px", file=sys.stderr)
-    model = model.to(args.device)
-    if args.image:
-        results = classify_images(args, model, tokenizer)
-    elif args.retrieval:
-        results = retrieval(args, model, tokenizer)
-    else:
-        results = classify_folder(args, model, tokenizer)
-    if args.output:
-        pathlib.Path(args.output).write_text(json.dumps(dict(results, model=args.model), indent=1))
-    return results
-
-
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
+    try:  # bad input: one line, no traceback
+        if args.output:  # before any work: a path that cannot be written is an error now, not after the run
+            try:
+                open(args.output, "a").close()
+            except OSError as e:
+                raise ValueError(f"--output {args.output}: {e.strerror}") from None
+        model, info = cloob.load_model(args.model, **(dict(quick_gelu=False) if args.gelu else {}))
+        tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
+        print(f"{args.model}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
+              f"{model.config.image_resolution}px", file=sys.stderr)
+        model = model.to(args.device)
+        if args.image:
+            results = classify_images(args, model, tokenizer)
+        elif args.retrieval:
+            results = retrieval(args, model, tokenizer)
+        else:
+            results = classify_folder(args, model, tokenizer)
+        if args.output:
+            pathlib.Path(args.output).write_text(json.dumps(dict(results, model=args.model), indent=1))
+        return results
+    except (FileNotFoundError, ValueError) as e:
         print(f"zeroshot.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         sys.exit(1)
 
