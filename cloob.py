@@ -176,12 +176,16 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, causal=False):  # x [B, L, D]
+    def forward(self, x, causal=False, pool=None):  # x [B, L, D]; pool: [B] positions (or one): their queries only
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, D/H]
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
+        mask = None
+        if pool is not None:  # one query a row, which (causal) sees the positions up to its own
+            q = q[torch.arange(B, device=x.device), :, pool].unsqueeze(2)  # [B, H, 1, D/H]
+            mask = (torch.arange(L, device=x.device) <= pool[:, None])[:, None, None] if causal else None  # [B,1,1,L]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and pool is None)
+        return self.out_proj(x.transpose(1, 2).reshape(B, -1, D))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -193,8 +197,11 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
                                              c_proj=nn.Linear(4 * width, width)))
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x, causal=False, pool=None):  # pool: [B] positions (or one): compute these only -> [B, 1, D]
+        y = self.ln_1(x)
+        if pool is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), pool, None]  # [B, 1, D]
+        x = x + self.attn(y, causal, pool)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -204,8 +211,9 @@ class Transformer(nn.Module):
         self.width, self.layers, self.grad_checkpointing = width, layers, False
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
 
-    def forward(self, x, causal=False):  # x [B, L, D]
-        return _run_blocks(self, self.resblocks, x, causal)
+    def forward(self, x, causal=False, pool=None):  # x [B, L, D] -> [B, L, D]; with pool: [B, 1, D] (see the block)
+        x = _run_blocks(self, self.resblocks[:-1], x, causal)
+        return _run_blocks(self, self.resblocks[-1:], x, causal, pool)  # the last block: only what the tower uses
 
 
 class VisionTransformer(nn.Module):
@@ -223,7 +231,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid², width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))  # [B, grid²+1, width]
-        return self.ln_post(self.transformer(x)[:, 0]) @ self.proj  # class token -> [B, output_dim]
+        return self.ln_post(self.transformer(x, pool=0)[:, 0]) @ self.proj  # the class token -> [B, output_dim]
 
 
 class Bottleneck(nn.Module):
@@ -343,9 +351,8 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens):  # [B, L] -> [B, embed_dim], not normalised; L <= context_length
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # [B, L, width]
-        x = self.ln_final(self.transformer(x, causal=True))
         eot = (tokens == self.config.vocab_size - 1).int().argmax(dim=-1)  # first end token of each row
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return self.ln_final(self.transformer(x, causal=True, pool=eot)[:, 0]) @ self.text_projection
 
     def forward(self, images, tokens):
         """-> L2-normalised (image_features, text_features), each [B, embed_dim]."""
@@ -406,18 +413,16 @@ class SyncBatchNorm(nn.BatchNorm2d):
 
 
 def gather(x):
-    """All ranks' rows [n, D] -> [W*n, D] (with gradient) and where this rank's rows start; identity in one process.
+    """All ranks' rows [n, D] -> ([W*n, D] with gradient, where this rank's rows start); (x, 0) in one process.
     An all-reduce of each rank's rows placed in zeros: its backward sums every rank's gradient of this rank's rows, and
-    each rank's loss depends on all ranks' features (features are small: the all-reduce costs little over a gather)."""
-    if not _distributed():
-        return x, 0
-    offset = dist.get_rank() * x.shape[0]
-    return _AllReduce.apply(F.pad(x, (0, 0, offset, (dist.get_world_size() - 1) * x.shape[0] - offset))), offset
-
-
-def _check_batch(n):
-    if n < 2:
-        raise ValueError(f"contrastive loss needs a global batch of at least 2 samples, got {n}")
+    each rank's loss depends on all ranks' features (features are small: the all-reduce costs little over a gather).
+    A contrastive loss needs at least 2 rows in all."""
+    offset = dist.get_rank() * x.shape[0] if _distributed() else 0
+    if _distributed():
+        x = _AllReduce.apply(F.pad(x, (0, 0, offset, (dist.get_world_size() - 1) * x.shape[0] - offset)))
+    if x.shape[0] < 2:
+        raise ValueError(f"contrastive loss needs a global batch of at least 2 samples, got {x.shape[0]}")
+    return x, offset
 
 
 @_full_precision
@@ -446,7 +451,6 @@ def cloob_loss(image_features, text_features, inv_tau, beta):
     from the text memory. Features [n, D] unit norm; inv_tau (e.g. 30) and beta (e.g. 8) multiply."""
     X, offset = gather(image_features)  # [N, D]
     Y, _ = gather(text_features)
-    _check_batch(X.shape[0])
     U_x, U_y = hopfield(image_features, X, beta), hopfield(text_features, X, beta)  # [n, D]
     V_x, V_y = hopfield(image_features, Y, beta), hopfield(text_features, Y, beta)
     loss = infoloob(U_x, gather(U_y)[0], inv_tau, offset) + infoloob(V_y, gather(V_x)[0], inv_tau, offset)
@@ -459,7 +463,6 @@ def clip_loss(image_features, text_features, logit_scale):
     Features [n, D] unit norm."""
     X, offset = gather(image_features)
     Y, _ = gather(text_features)
-    _check_batch(X.shape[0])
     labels = offset + torch.arange(image_features.shape[0], device=X.device)
     logits_per_image = logit_scale * image_features @ Y.T  # [n, N]
     logits_per_text = logit_scale * text_features @ X.T

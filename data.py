@@ -223,7 +223,7 @@ class CsvCaptions(torch.utils.data.Dataset):
 
 class ImageFolder(torch.utils.data.Dataset):
     """One sub-folder per class (sorted), images found at any depth below it. Items: (path, class folder name,
-    {task: class index}). A class folder without images stays a candidate label and is reported."""
+    {task: class index}). A class folder without images stays a candidate label."""
 
     def __init__(self, root, task="label"):
         self.task = task
@@ -233,9 +233,6 @@ class ImageFolder(torch.utils.data.Dataset):
         self.items = [(path, i) for i, c in enumerate(self.classes) for path in find_images(os.path.join(root, c))]
         if not self.items:
             raise ValueError(f"{root}: no images in class sub-folders (extensions: {' '.join(IMAGE_EXTS)})")
-        empty = sorted(set(self.classes) - {self.classes[i] for _, i in self.items})
-        if empty:
-            print(f"{root}: {len(empty)} class folders without images (still candidate labels): {', '.join(empty[:9])}")
 
     def __len__(self):
         return len(self.items)
