@@ -41,7 +41,6 @@ def checked(kind, ok, rule):
 COUNT = checked(int, lambda v: v >= 1, ">= 1")
 NATURAL = checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE = checked(float, lambda v: 0 < v < math.inf, "> 0")
-FRACTION = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def parse_args(argv=None):
@@ -64,7 +63,7 @@ def parse_args(argv=None):
     a("--batch-size", type=COUNT, help="per rank (default 128 synthetic, 64 otherwise: 8 GPUs x 64 = 512)")
     a("--lr", type=POSITIVE)
     a("--wd", type=checked(float, lambda v: 0 <= v < math.inf, ">= 0"), default=0.1)
-    a("--beta2", type=FRACTION, help="default 0.98 ViT, 0.999 ResNet")
+    a("--beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), help="default 0.98 ViT, 0.999 ResNet")
     a("--eps", type=POSITIVE, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
     a("--warmup", type=NATURAL, help="steps (default 20000; 500 on synthetic data)")
     a("--restart-cycles", type=COUNT, help="cosine cycles after the warm-up (default 10, as CLOOB; 1 on synthetic)")
