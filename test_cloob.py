@@ -1192,6 +1192,17 @@ def test_resume_refuses_a_different_run(change, message, tmp_path, capsys):
     assert message in err and "differs from" in err
 
 
+def test_resume_reads_checkpoints_written_before_args_held_the_world_size(tmp_path):
+    common = [*FAST, "--batch-size", "4", "--logs-dir", str(tmp_path), "--name", "r"]
+    train.main([*common, "--steps", "2"])
+    path = cloob.checkpoints(str(tmp_path / "r"))[-1]
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["args"]["global_batch"], ckpt["args"]["world_size"]  # as the previous version wrote them
+    torch.save(dict(ckpt, world_size=1), path)
+    train.main([*common, "--steps", "3", "--resume", "latest"])
+    assert [m["step"] for m in metrics(tmp_path / "r") if "loss" in m] == [1, 2, 3]
+
+
 def test_resume_from_a_file_that_is_not_a_training_checkpoint(tmp_path, capsys):
     cloob.save_checkpoint(str(tmp_path / "weights.pt"), cloob.CLIP(cloob.CONFIGS["tiny-vit"]), "bytes", "cloob")
     err = train_error(
