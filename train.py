@@ -226,7 +226,7 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             continue
         if not isinstance(ckpt, dict) or not {"args", "optimizer"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
-        ours, theirs = dict(vars(args), **asdict(model.config)), {**ckpt, **ckpt["args"], **ckpt["config"]}
+        ours, theirs = dict(vars(args), **asdict(model.config)), {**ckpt["args"], **ckpt, **ckpt["config"]}
         theirs.setdefault("global_batch", theirs["batch_size"] * theirs["world_size"])  # files from before args held it
         stream = ["workers", "world_size"] if args.train_data.endswith(".tar") else []  # which shards feed which batch
         differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS, *stream]
