@@ -27,9 +27,10 @@ def channels_first(pixels):
 
 
 def normalize(pixels):
-    """Pixels [..., 3, R, R] in 0..255 -> CLIP's normalised float tensor."""
-    mean, std = (torch.tensor(v, device=pixels.device)[:, None, None] for v in (MEAN, STD))
-    return (pixels.float() / 255 - mean) / std
+    """Pixels [..., 3, R, R] in 0..255 -> CLIP's normalised float tensor. The channel statistics enter as scalars: no
+    host-to-device copy, which would make every training step wait for the device."""
+    x = pixels.float() / 255
+    return torch.stack([(x[..., c, :, :] - MEAN[c]) / STD[c] for c in range(3)], dim=-3)
 
 
 def to_rgb(image):
