@@ -100,7 +100,7 @@ def synthetic_benchmark(resolution, n=500, seed=0):
     """The built-in benchmark: n images of the held-out shape/colour/position triples and its zero-shot tasks.
     -> (tasks, images [n, 3, R, R], labels {task: [n]})."""
     pixels, _, labels = data.Synthetic(n, resolution, split="heldout", seed=seed).render(range(n))
-    images = data.normalize(data.channels_first(pixels)).contiguous()
+    images = data.normalize(data.channels_first(pixels))  # [n, 3, R, R]
     return dict(data.ZEROSHOT_TASKS), images, {k: torch.from_numpy(v) for k, v in labels.items()}
 
 
