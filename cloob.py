@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import re
 import unicodedata
 import warnings
 import zipfile
@@ -73,11 +74,47 @@ CONFIGS = {
 # Tokenizer: OpenAI's CLIP BPE on tiktoken, or raw bytes
 
 BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")  # OpenAI's, MIT
-# The common part of ftfy.fix_text that OpenAI applies first: curly quotes, ligatures, full-width forms.
-_FTFY_LITE = {**{c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}, **{c: '"' for c in "\u201c\u201d\u201e\u201f"},
-              "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
-              "\u3000": " ", **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}}
-_FTFY_LITE = str.maketrans(_FTFY_LITE)
+
+# OpenAI's tokenizer first runs ftfy.fix_text. Its character-level fixes are reproduced here (its mojibake repair,
+# fix_encoding, is not): one translate table for C1 controls (read as Windows-1252), Latin ligatures, full- and
+# half-width forms and curly quotes; then terminal escapes and other control characters go.
+_C1 = range(0x80, 0xA0)
+_FTFY_CHARS = {
+    **{c: char for c, char in zip(_C1, bytes(_C1).decode("cp1252", "replace")) if char != "\ufffd"},
+    **dict(zip(map(ord, "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ"), "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split())),
+    **{c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)}, 0x3000: " ",
+    **dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'"), **dict.fromkeys(range(0x201C, 0x2020), '"'),
+}
+_CONTROL_CHARS = dict.fromkeys([*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)])
+_ANSI_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
+_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+# ftfy's entities: HTML5's that end in ";", and the upper-case spelling of a lower-case one that means nothing else
+_ENTITIES = {"&" + name: char for name, char in html.entities.html5.items() if name.endswith(";")}
+_ENTITIES.update({"&" + name.upper(): char.upper() for name, char in html.entities.html5.items()
+                  if name.endswith(";") and name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper()})
+
+
+def _unescape(match):
+    """ftfy's HTML unescaping of one entity: a known name, or a numeric reference that html.unescape decodes whole."""
+    entity = match.group()
+    if entity in _ENTITIES:
+        return _ENTITIES[entity]
+    char = html.unescape(entity)
+    return char if entity.startswith("&#") and ";" not in char else entity
+
+
+def _ftfy(text, unescape_html=True):
+    """ftfy.fix_text's fixes in its order (line breaks left out: whitespace is collapsed later), until none changes
+    anything."""
+    while True:
+        before = text
+        if unescape_html:
+            text = _HTML_ENTITY.sub(_unescape, text)
+        text = text.translate(_FTFY_CHARS)
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # surrogate pairs joined, others: �
+        text = unicodedata.normalize("NFC", _ANSI_ESCAPE.sub("", text).translate(_CONTROL_CHARS))
+        if text == before:
+            return text
 
 
 def _bytes_to_unicode():
@@ -93,13 +130,12 @@ def _clip_encoding(path):
     so tokens holding a real space byte are unreachable and dropped. Ranks are CLIP's ids, so BPE merge order
     (lowest rank first) is CLIP's merge order, and the `x </w>` merges (ids 256..511) always come first."""
     import tiktoken
-    u2b = {c: b for b, c in _bytes_to_unicode().items()}
-    to_bytes = lambda s: bytes(u2b[c] for c in s.removesuffix("</w>")) + (b" " if s.endswith("</w>") else b"")
-    symbols = list(u2b) + [c + "</w>" for c in u2b]
+    b2u = _bytes_to_unicode()
+    u2b = {c: b for b, c in b2u.items()} | {" ": 32}  # CLIP's `</w>` is written as a trailing space
     merges = gzip.open(path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    symbols += ["".join(m.split()) for m in merges]
-    space = _bytes_to_unicode()[32]
-    ranks = {to_bytes(s): i for i, s in enumerate(symbols) if space not in s or s == space}
+    symbols = list(b2u.values()) + [c + "</w>" for c in b2u.values()] + ["".join(m.split()) for m in merges]
+    ranks = {bytes(u2b[c] for c in s.replace("</w>", " ")): i for i, s in enumerate(symbols)
+             if b2u[32] not in s or s == b2u[32]}
     return tiktoken.Encoding("clip", pat_str=r"\S+ ", mergeable_ranks=ranks,
                              special_tokens={"<|startoftext|>": 49406, "<|endoftext|>": 49407})
 
@@ -124,8 +160,10 @@ class Tokenizer:
                                     r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
     def _prepare(self, text):
-        """CLIP's cleaning (ftfy-lite, html unescape twice, whitespace collapse, lower case) and pre-split."""
-        text = html.unescape(html.unescape(unicodedata.normalize("NFC", text.translate(_FTFY_LITE))))
+        """OpenAI's cleaning and pre-split: ftfy (which, line by line, stops unescaping HTML at the first line holding
+        a "<"), html.unescape twice, whitespace collapsed, lower case; CLIP's regex words, each followed by a space."""
+        cut = text.rfind("\n", 0, text.find("<")) + 1 if "<" in text else len(text)
+        text = html.unescape(html.unescape(_ftfy(text[:cut]) + _ftfy(text[cut:], unescape_html=False)))
         return "".join(w + " " for w in self._words.findall(" ".join(text.split()).lower()))
 
     def encode(self, text):
@@ -140,12 +178,12 @@ class Tokenizer:
         sees later ones, and features are pooled at the end id. Real captions are short: the text tower runs a
         fraction of its 77 positions. A plain loop: tiktoken's threaded encode_batch is slower for captions."""
         texts = [texts] if isinstance(texts, str) else texts
-        out, longest = np.zeros((len(texts), self.context_length), dtype=np.int64), 0
-        for row, text in zip(out, texts):
-            ids = self.encode(text)[:self.context_length - 2]
-            row[:len(ids) + 2] = [self.sot, *ids, self.eot]
-            longest = max(longest, len(ids) + 2)
-        return torch.from_numpy(out[:, :min(self.context_length, -(-longest // 8) * 8)])
+        ids = [self.encode(text)[:self.context_length - 2] for text in texts]
+        longest = max(map(len, ids), default=0) + 2  # with start and end
+        out = np.zeros((len(texts), min(self.context_length, math.ceil(longest / 8) * 8)), dtype=np.int64)
+        for row, row_ids in zip(out, ids):
+            row[:len(row_ids) + 2] = [self.sot, *row_ids, self.eot]
+        return torch.from_numpy(out)
 
 # ----------------------------------------------------------------------------------------------------
 # Towers. Modules batch-first ([B, L, D]); state_dict names and shapes are OpenAI's.
@@ -272,10 +310,9 @@ class AttentionPool2d(nn.Module):
     def forward(self, x):
         x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, HW+1, C]
-        B, L, C = x.shape
-        heads = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # [B, H, L, C/H]
-        out = F.scaled_dot_product_attention(heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x)))
-        return self.c_proj(out.transpose(1, 2).reshape(B, C))
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, L, C/heads]; q: L = 1
+                   for t in (self.q_proj(x[:, :1]), self.k_proj(x), self.v_proj(x)))
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v).flatten(1))  # [B, heads, 1, C/heads] -> [B, C]
 
 
 class ModifiedResNet(nn.Module):
@@ -369,9 +406,9 @@ def _full_precision(fn):
     @functools.wraps(fn)
     def wrapper(*args):
         device = next(a for a in args if torch.is_tensor(a)).device
-        up = lambda a: a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a
+        args = [a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a for a in args]
         with torch.autocast(device.type, enabled=False):
-            return fn(*map(up, args))
+            return fn(*args)
     return wrapper
 
 
@@ -379,32 +416,46 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class _AllReduce(torch.autograd.Function):
-    """Sum over ranks. Every rank's loss depends on the sum, so the gradient of each rank's part is the sum of all
-    ranks' gradients of the total (DDP's mean over ranks then gives the full-batch gradient)."""
+def setup_distributed():
+    """-> (rank, world size, device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK, with the process group started
+    (NCCL on GPUs, gloo on CPUs) where there are several ranks; a plain `python` run is rank 0 of 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's rows [n, ...] -> [W*n, ...], in rank order. Every rank's loss depends on every rank's rows, so the
+    gradient of this rank's rows is the sum over the ranks of their gradients: a reduce-scatter."""
 
     @staticmethod
     def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
+        out = x.new_empty(dist.get_world_size() * x.shape[0], *x.shape[1:])
+        dist.all_gather_single(out, x.contiguous())
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _AllReduce.forward(ctx, grad)
+        out = grad.new_empty(grad.shape[0] // dist.get_world_size(), *grad.shape[1:])
+        dist.reduce_scatter_single(out, grad.contiguous())
+        return out
 
 
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d that normalises a training batch with the statistics of the global batch: each rank's per-channel
-    sums are all-reduced with gradient, so W ranks of n images compute what one process of W*n does. Works with any
+    sums are gathered with gradient, so W ranks of n images compute what one process of W*n does. Works with any
     backend (torch's SyncBatchNorm needs a GPU). train.py --sync-bn turns a ResNet's BatchNorm2d layers into this."""
 
     def forward(self, x):  # [B, C, H, W]; every rank's batch has the same size (as train.py's)
         if not (self.training and _distributed()):
             return super().forward(x)
         xf, n = x.to(self.weight.dtype), x.numel() / x.shape[1] * dist.get_world_size()  # n: per channel, all ranks
-        mean = _AllReduce.apply(xf.sum((0, 2, 3))) / n  # [C]
-        var = _AllReduce.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))) / n  # two passes, as BatchNorm2d
+        mean = _AllGather.apply(xf.sum((0, 2, 3))[None]).sum(0) / n  # [C]
+        var = _AllGather.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))[None]).sum(0) / n  # two passes
         self.num_batches_tracked += 1
         self.running_mean.lerp_(mean.detach(), self.momentum)
         self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
@@ -414,12 +465,10 @@ class SyncBatchNorm(nn.BatchNorm2d):
 
 def gather(x):
     """All ranks' rows [n, D] -> ([W*n, D] with gradient, where this rank's rows start); (x, 0) in one process.
-    An all-reduce of each rank's rows placed in zeros: its backward sums every rank's gradient of this rank's rows, and
-    each rank's loss depends on all ranks' features (features are small: the all-reduce costs little over a gather).
     A contrastive loss needs at least 2 rows in all."""
-    offset = dist.get_rank() * x.shape[0] if _distributed() else 0
+    offset = 0
     if _distributed():
-        x = _AllReduce.apply(F.pad(x, (0, 0, offset, (dist.get_world_size() - 1) * x.shape[0] - offset)))
+        x, offset = _AllGather.apply(x), dist.get_rank() * x.shape[0]
     if x.shape[0] < 2:
         raise ValueError(f"contrastive loss needs a global batch of at least 2 samples, got {x.shape[0]}")
     return x, offset
@@ -472,23 +521,27 @@ def clip_loss(image_features, text_features, logit_scale):
 # Checkpoints: ours, OpenAI's TorchScript archives, OpenAI-layout state dicts (OpenCLIP), official CLOOB
 
 
+def _count(sd, prefix):
+    """The number of blocks numbered after `prefix` in a state dict."""
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
 def infer_config(sd):
     """ModelConfig from OpenAI-layout tensor shapes, as OpenAI's build_model (heads are not in the shapes: 64 wide)."""
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # blocks
     if "visual.proj" in sd:
         width, patch = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
         grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-        vision = dict(vision_layers=count("visual.transformer.resblocks."), vision_width=width,
+        vision = dict(vision_layers=_count(sd, "visual.transformer.resblocks."), vision_width=width,
                       vision_patch_size=patch, image_resolution=patch * grid)
     else:
         grid = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        vision = dict(vision_layers=tuple(count(f"visual.layer{i}.") for i in range(1, 5)),
+        vision = dict(vision_layers=tuple(_count(sd, f"visual.layer{i}.") for i in range(1, 5)),
                       vision_width=sd["visual.layer1.0.conv1.weight"].shape[0], vision_patch_size=None,
                       image_resolution=grid * 32)
     width = sd["ln_final.weight"].shape[0]
     return ModelConfig(embed_dim=sd["text_projection"].shape[1], context_length=sd["positional_embedding"].shape[0],
                        vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=width,
-                       transformer_heads=width // 64, transformer_layers=count("transformer.resblocks."), **vision)
+                       transformer_heads=width // 64, transformer_layers=_count(sd, "transformer.resblocks."), **vision)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -606,16 +659,15 @@ def _read(path):
     ckpt = read_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    if "config" in ckpt:  # ours (before the weights moved to "state_dict" they were under "model")
-        info = dict(method="clip", tokenizer="clip")  # a hand-made file may say no more than its weights and config
-        info.update({k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt})
-        info.update(format="cloob", config=ModelConfig(**ckpt["config"]))
-        return ckpt.get("state_dict", ckpt.get("model")), info
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
-    for prefix in ("module.", "_orig_mod."):
-        sd = {k.removeprefix(prefix): v for k, v in sd.items()}
+    if "config" in ckpt:  # ours; a hand-made file may hold only weights and config (tokenizer: by the vocabulary)
+        config = ModelConfig(**ckpt["config"])
+        info = dict(method="clip", tokenizer="bytes" if config.vocab_size == 258 else "clip")
+        info.update({k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt})
+        return sd, dict(info, format="cloob", config=config)
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     if "transformer.token_embedding.weight" in sd:  # official CLOOB (OpenAI's towers): text under "transformer."
         sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
         sd["logit_scale"] = sd.pop("logit_inv_tau")
@@ -654,6 +706,14 @@ def load_model(path, **overrides):
         problem = str(e).splitlines()[1].strip()[:300]
         raise ValueError(f"{path}: weights do not match the architecture: {problem}") from None
     return model.eval(), dict(info, config=config)
+
+
+def tokenizer_for(config, name):
+    """The tokenizer `name` at a model's context length; one whose ids are not the model's is refused."""
+    tokenizer = Tokenizer(name, config.context_length)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{name} tokenizer: {tokenizer.vocab_size} ids; the model has {config.vocab_size}")
+    return tokenizer
 
 
 def unwrap(model):

@@ -18,6 +18,7 @@ from PIL import Image
 MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)  # CLIP's RGB normalisation
 STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder
+TAR_EXTS = (".tar", ".tar.gz")  # webdataset shards, plain or gzipped
 
 
 def channels_first(pixels):
@@ -211,15 +212,18 @@ class CsvCaptions(torch.utils.data.Dataset):
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")
         self.root = os.path.dirname(os.path.abspath(path))
-        images = {}  # rows that name the same image share its id (several captions per image)
-        self.image_ids = [images.setdefault(image, len(images)) for image, _ in self.rows]
+        # rows that name one image file, however the path is spelled, share its id (several captions per image)
+        files = [os.path.realpath(os.path.join(self.root, image or "")) for image, _ in self.rows]
+        self.image_ids = np.unique(files, return_inverse=True)[1]
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, idx):
         path, caption = self.rows[idx]
-        return path and os.path.join(self.root, path), caption, {"image": self.image_ids[idx]}
+        if path is not None:  # relative to the file's folder
+            path = os.path.join(self.root, path)
+        return path, caption, {"image": int(self.image_ids[idx])}
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -307,13 +311,15 @@ def steps_per_epoch(num_samples, global_batch):
 
 
 class GlobalBatches(torch.utils.data.Sampler):
-    """This rank's slice of each global batch, as a list of (step, index) keys. Epoch e is a permutation seeded by
-    (seed, e), cut into global batches of world*batch_size; rank r takes rows [r*batch_size, (r+1)*batch_size).
-    Infinite, from step `start`."""
+    """This rank's share of each global batch, as a list of (step, index) keys. Epoch e is a permutation seeded by
+    (seed, e), cut into global batches of world*batch_size. Cut into `accum_steps` micro-batches (gradient caching),
+    micro-batch k of each rank holds its share of the global batch's micro-batch k: the ranks together normalise
+    (--sync-bn) what one process would. Without: rank r takes rows [r*batch_size, (r+1)*batch_size). Infinite, from
+    step `start`."""
 
-    def __init__(self, num_samples, batch_size, rank=0, world=1, seed=0, start=0):
+    def __init__(self, num_samples, batch_size, rank=0, world=1, seed=0, start=0, accum_steps=1):
         self.n, self.batch_size, self.rank, self.world = num_samples, batch_size, rank, world
-        self.seed, self.start = seed, start
+        self.seed, self.start, self.accum_steps = seed, start, accum_steps
         self.steps_per_epoch = steps_per_epoch(num_samples, batch_size * world)
 
     def __iter__(self):
@@ -322,8 +328,9 @@ class GlobalBatches(torch.utils.data.Sampler):
             epoch, b = divmod(step, self.steps_per_epoch)
             if b == 0 or perm is None:
                 perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            first = (b * self.world + self.rank) * self.batch_size
-            yield [(step, int(i)) for i in perm[first:first + self.batch_size]]
+            rows = perm[b * self.world * self.batch_size:(b + 1) * self.world * self.batch_size]  # the global batch
+            mine = rows.reshape(self.accum_steps, self.world, -1)[:, self.rank]  # [micro-batches, rows of each]
+            yield [(step, int(i)) for i in mine.flatten()]
             step += 1
 
 # ---------------------------------------------------------------------------------------------------- tar shards
@@ -331,10 +338,12 @@ class GlobalBatches(torch.utils.data.Sampler):
 
 def expand_braces(pattern):
     """'dir/{00000..00003}.tar' -> the 4 paths, zero padding kept (the webdataset / img2dataset convention)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    m = re.search(r"\{(\d+)\.\.(\d+)(\.\.\d+)?\}", pattern)
     if not m:
         return [pattern]
-    lo, hi = m.group(1), m.group(2)
+    lo, hi, step = m.groups()
+    if step:
+        raise ValueError(f"{pattern}: a brace range with a step ({m.group()}) is not supported; list the shards")
     if int(lo) > int(hi):
         raise ValueError(f"{pattern}: the brace range {m.group()} is empty (first > last)")
     return [p for i in range(int(lo), int(hi) + 1)

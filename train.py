@@ -43,6 +43,12 @@ NATURAL = checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE = checked(float, lambda v: 0 < v < math.inf, "> 0")
 
 
+# on synthetic data, the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (README, Train)
+DEMO = dict(model="tiny-vit", batch_size=128, lr=5e-4, warmup=500, restart_cycles=1, steps=1000, workers=0)
+# on real data, the official CLOOB recipe (Conceptual Captions: 8 GPUs x 64)
+RECIPE = dict(model="RN50", batch_size=64, lr=1e-3, warmup=20000, restart_cycles=10, epochs=70, workers=2)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -82,26 +88,23 @@ def parse_args(argv=None):
     a("--log-every", type=COUNT, default=10)
     a("--bench", action="store_true", help="time the training step on random tensors already on the device instead")
     args = p.parse_args(argv)
-    synthetic = args.train_data == "synthetic"
-    # the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (see README, Train)
-    defaults = dict(model="tiny-vit", tokenizer="bytes", batch_size=128, lr=5e-4, warmup=500, restart_cycles=1,
-                    steps=20 if args.bench else 1000, workers=0) if synthetic else \
-        dict(model="RN50", tokenizer="clip", batch_size=64, lr=1e-3, warmup=20000, restart_cycles=10,
-             epochs=70, workers=2)
+    synthetic, tar = args.train_data == "synthetic", args.train_data.endswith(data.TAR_EXTS)
     if args.pretrained:  # the architecture is the checkpoint's; the run is named after it
         args.model = os.path.basename(os.path.normpath(args.pretrained)).split(".")[0]
-    for k, v in defaults.items():
-        if getattr(args, k) is None and not (k == "tokenizer" and args.pretrained):  # else: the checkpoint's
-            setattr(args, k, v)
+    if args.bench:
+        args.steps = args.steps or 20
+    for key, value in (DEMO if synthetic else RECIPE).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     args.compile = torch.cuda.is_available() if args.compile is None else args.compile
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not (synthetic or args.train_data.endswith((".tar", ".csv", ".tsv"))):
-        p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar shards")
+    if not (synthetic or tar or args.train_data.endswith((".csv", ".tsv"))):
+        p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar/.tar.gz shards")
     if args.batch_size % args.accum_steps:
         p.error(f"--accum-steps {args.accum_steps} must divide --batch-size {args.batch_size}")
-    if args.train_data.endswith(".tar") and not args.train_num_samples:
-        p.error("tar shards need --train-num-samples (the samples in one epoch)")
+    if tar != bool(args.train_num_samples) and not synthetic:
+        p.error("--train-num-samples is for tar shards, and they need it (a CSV's epoch is its rows)")
     return args
 
 
@@ -114,18 +117,18 @@ def get_lr(step, args, total):
 
 
 def build_model(args, device):
-    """-> (model, tokenizer) from a preset or --pretrained, temperature set for the method. --bench needs no
-    tokenizer (its tokens are random)."""
+    """-> (model, tokenizer) from a preset or --pretrained, temperature set for the method."""
     if args.pretrained:
         model, info = cloob.load_model(args.pretrained, **(dict(quick_gelu=False) if args.gelu else {}))
-        tokenizer = cloob.Tokenizer(args.tokenizer or info["tokenizer"], model.config.context_length)
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise ValueError(f"{tokenizer.name} tokenizer: {tokenizer.vocab_size} ids; model {model.config.vocab_size}")
+        tokenizer = cloob.tokenizer_for(model.config, args.tokenizer or info["tokenizer"])
     else:
-        config = cloob.CONFIGS[args.model]
-        tokenizer = None if args.bench else cloob.Tokenizer(args.tokenizer, config.context_length)
+        config, tokenizer = cloob.CONFIGS[args.model], None
+        if not args.bench:  # a new model takes its tokenizer's vocabulary (--bench's tokens are random)
+            tokenizer = cloob.Tokenizer(args.tokenizer or ("bytes" if args.train_data == "synthetic" else "clip"),
+                                        config.context_length)
+            config = replace(config, vocab_size=tokenizer.vocab_size)
         torch.manual_seed(args.seed)
-        model = cloob.CLIP(replace(config, vocab_size=tokenizer.vocab_size) if tokenizer else config)
+        model = cloob.CLIP(config)
     if args.method == "cloob":  # CLIP's: a new model's (1/0.07, learnable), or the loaded one's
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
     vit = isinstance(model.config.vision_layers, int)  # AdamW follows the model trained, preset or loaded
@@ -138,7 +141,7 @@ def build_model(args, device):
 
 def open_data(args, rank, world):
     """The training dataset, opened before the model so that a bad path or an empty file fails at once."""
-    if args.train_data.endswith(".tar"):
+    if args.train_data.endswith(data.TAR_EXTS):
         return data.TarShards(args.train_data, args.batch_size, rank=rank, world=world, seed=args.seed,
                               workers=args.workers)
     if args.train_data == "synthetic":
@@ -157,7 +160,7 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
         epoch = data.steps_per_epoch(args.train_num_samples, args.batch_size * world)
         return iter(torch.utils.data.DataLoader(dataset, **kw)), epoch
     batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
-    sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start)
+    sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start, args.accum_steps)
     return iter(torch.utils.data.DataLoader(batches, sampler=sampler, **kw)), sampler.steps_per_epoch
 
 
@@ -181,42 +184,36 @@ def _exit_on_sigterm_from_parent():
     os._exit(0)
 
 
-def setup_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
 def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
+    # no RNG state: nothing draws from torch's generators while training (data randomness is numpy's, a function of
+    # seed, step and index)
     path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
-    # data randomness is a function of (seed, step, index): torch's generators are the only RNG state
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
                           beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
-                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng, args=vars(args))
+                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args))
     for old in cloob.checkpoints(run_dir)[:-2]:  # keep the newest two (the run directory holds only this run)
         os.remove(old)
     return path
 
 
-RESUME_KEYS = ("method", "tokenizer", "global_batch", "seed", "train_data", "train_num_samples", "hopfield_beta",
-               "init_inv_tau", "learn_inv_tau")  # with the model config: what the continuation depends on
+# with the model config: what the continuation depends on (CLOOB's temperatures for CLOOB runs only)
+RESUME_KEYS = ("method", "tokenizer", "global_batch", "seed", "train_data", "train_num_samples")
+CLOOB_KEYS = ("hopfield_beta", "init_inv_tau", "learn_inv_tau")
 
 
 def resume(args, run_dir, model, optimizer, scaler, rank):
     """-> (the step to continue from, the checkpoint), (0, None) for a new run. --resume latest takes the newest
-    checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume."""
+    checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume. This
+    run's --lr, --wd, --beta2 and --eps apply from here on (the resume line names those that changed)."""
     found = cloob.checkpoints(run_dir)
-    if not args.resume and found:
-        raise ValueError(f"{run_dir} holds a run's checkpoints: continue with --resume latest or pick another --name")
-    for path in (reversed(found) if args.resume == "latest" else [args.resume] if args.resume else []):
+    if not args.resume:
+        if found:
+            raise ValueError(f"{run_dir} holds a run's checkpoints: continue with --resume latest or pick another --name")
+        return 0, None
+    for path in found[::-1] if args.resume == "latest" else [args.resume]:
         try:
             ckpt = cloob.read_file(path)
         except ValueError as e:
@@ -226,26 +223,27 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             continue
         if not isinstance(ckpt, dict) or not {"args", "optimizer"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
-        ours, theirs = dict(vars(args), **asdict(model.config)), {**ckpt["args"], **ckpt, **ckpt["config"]}
-        theirs.setdefault("global_batch", theirs["batch_size"] * theirs["world_size"])  # files from before args held it
-        stream = ["workers", "world_size"] if args.train_data.endswith(".tar") else []  # which shards feed which batch
-        differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in [*ckpt["config"], *RESUME_KEYS, *stream]
-                  if theirs.get(k) != ours[k]]
+        ours, theirs = dict(vars(args), **asdict(model.config)), dict(ckpt["args"], **ckpt["config"])
+        keys = [*ckpt["config"], *RESUME_KEYS, *(CLOOB_KEYS if args.method == "cloob" else [])]
+        if args.train_data.endswith(data.TAR_EXTS):  # which shards feed which batch (0 workers read as 1)
+            keys += ["workers", "world_size"]
+            ours["workers"], theirs["workers"] = max(1, ours["workers"]), max(1, theirs["workers"])
+        differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in keys if theirs.get(k) != ours[k]]
         if differ:
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (a new run: --pretrained)")
         model.load_state_dict(ckpt["state_dict"])
+        settings = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]  # this run's
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if torch.cuda.is_available():  # as many devices as this node has (8 x 1 GPU -> 4 x 2: fewer)
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"][:torch.cuda.device_count()])
-        print0(rank, f"resuming from {path} (step {ckpt['step']})")
+        changed = [f"{k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
+        print0(rank, f"resuming from {path} (step {ckpt['step']}{''.join('; ' + c for c in changed)})")
         return ckpt["step"], path
     if found:
         raise ValueError(f"--resume latest: no readable checkpoint in {run_dir}/checkpoints")
-    if args.resume:
-        print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
+    print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
     return 0, None
 
 
@@ -283,13 +281,12 @@ def compute_loss(args, model, x, y):
 def zeroshot_tasks(args, resolution):
     """-> (zero-shot tasks, a function giving this rank's batches of them), or None: --zeroshot-data (named after the
     folder, as zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark."""
-    if args.zeroshot_data:
+    if args.zeroshot_data:  # evaluated at zeroshot.py's batch size (no gradients: small next to training's)
         folder = data.ImageFolder(args.zeroshot_data, task=os.path.basename(os.path.normpath(args.zeroshot_data)))
-        batches = lambda: zeroshot.loader(folder, resolution, args.batch_size, args.workers)
-        return {folder.task: zeroshot.class_task(folder)}, batches
+        return {folder.task: zeroshot.class_task(folder)}, partial(zeroshot.loader, folder, resolution, workers=args.workers)
     if args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
-        return tasks, lambda: zeroshot.tensor_batches(images, labels, args.batch_size)
+        return tasks, partial(zeroshot.tensor_batches, images, labels)
     return None
 
 
@@ -337,7 +334,8 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
        and to the temperature (its gradient is counted once, here);
     3. re-encode each micro-batch with autograd and back-propagate its slice of the feature gradient.
     By the chain rule the parameter gradient is the whole batch's; activations are those of one micro-batch.
-    DDP is bypassed: the gradients are averaged over ranks once, at the end, as DDP would. -> the loss."""
+    DDP is bypassed: the gradients are averaged over ranks once, at the end, as DDP would. -> (the loss, the buffers
+    after the first micro-batch's forward: BatchNorm's running statistics advance once per step)."""
     chunks = list(zip(images.chunk(args.accum_steps), tokens.chunk(args.accum_steps)))
     model = cloob.unwrap(net)
     with torch.no_grad(), ctx:
@@ -352,49 +350,43 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
         with ctx:
             xk, yk = net(i, t)
         torch.autograd.backward([xk, yk], [gx.to(xk.dtype), gy.to(yk.dtype)])
-    restore(model.buffers(), saved)
     if world > 1:  # one flat all-reduce (gloo has no AVG)
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         flat = torch.nn.utils.parameters_to_vector(grads)
         dist.all_reduce(flat)
         torch.nn.utils.vector_to_parameters(flat.div_(world), grads)  # each gradient becomes a view of `flat`
-    return loss
-
-
-def restore(buffers, saved):
-    """BatchNorm's running statistics back to those after the step's first forward: a step updates them once, whatever
-    forwards it repeats (gradient caching's second pass, checkpointing's recompute)."""
-    for buffer, value in zip(buffers, saved):
-        buffer.copy_(value)
+    return loss, saved
 
 
 def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     """One optimizer step on this rank's batch. model: the plain CLIP; net: what to call, the model possibly
-    wrapped in DDP and/or torch.compile. -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host
-    sync."""
+    wrapped in DDP and/or torch.compile. A step whose loss or gradients are not finite, on any rank, is skipped:
+    weights, optimizer state and buffers (BatchNorm's running statistics) stay as they were.
+    -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host sync."""
     device = model.logit_scale.device
     images = data.normalize(images.to(device, non_blocking=True))  # pixels in 0..255 -> CLIP's input
     tokens = tokens.to(device, non_blocking=True)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
         images = images.contiguous(memory_format=torch.channels_last)  # the ResNet's convolutions on tensor cores
+    before = [b.clone() for b in model.buffers()]
     if args.accum_steps > 1:
-        loss = grad_cache_backward(args, net, images, tokens, ctx, scaler, world)
+        loss, after = grad_cache_backward(args, net, images, tokens, ctx, scaler, world)
     else:
         with ctx:
             x, y = net(images, tokens)
-        saved = [b.clone() for b in model.buffers()] if args.grad_checkpointing else []  # the recompute: kept
+        after = [b.clone() for b in model.buffers()]  # checkpointing's recompute in the backward changes them again
         loss = compute_loss(args, model, x, y)
         scaler.scale(loss).backward()
-        restore(model.buffers(), saved)
-    finite = torch.isfinite(loss.detach()).float()
-    if world > 1:  # a non-finite loss on any rank: skip the step everywhere
+    scaler.unscale_(optimizer)  # fp16: the gradients' true values, inf where they overflowed (else nothing to do)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    finite = torch.isfinite(loss.detach() + grad_norm).float()
+    if world > 1:  # not finite on any rank: the step is skipped everywhere
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.found_inf = 1 - finite  # fused AdamW leaves weights and moments untouched when this is 1
-        optimizer.step()
+    optimizer.found_inf = 1 - finite  # fused AdamW leaves weights and moments untouched when this is 1
+    optimizer.step()
+    scaler.update()  # fp16: a smaller loss scale after an overflow
+    for buffer, old, new in zip(model.buffers(), before, after):  # statistics advance once a step, or not at all
+        buffer.copy_(torch.where(finite.bool(), new, old))
     if model.logit_scale.requires_grad:  # CLIP's and CLOOB's (official code) clamp: 1/T in [1, 100]
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -548,7 +540,7 @@ def train(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = cloob.setup_distributed()
     try:
         if args.bench:
             return bench(args, build_model(args, device)[0], device, world)

@@ -18,6 +18,7 @@ gains and zero-initialised BatchNorm gains would hide a wrong name or a missing 
 import dataclasses
 import json
 import os
+import sys
 import warnings
 
 import torch
@@ -26,6 +27,7 @@ warnings.filterwarnings("ignore")
 import clip.clip  # noqa: E402  openai-clip 1.0.1: OpenAI's clip.py, model.py and simple_tokenizer.py
 import clip.model  # noqa: E402
 import clip.simple_tokenizer  # noqa: E402
+import ftfy  # noqa: E402
 import open_clip  # noqa: E402
 import transformers  # noqa: E402
 from open_clip.push_to_hf_hub import save_for_hf  # noqa: E402
@@ -44,6 +46,24 @@ TEXTS = ["a photo of a dog.", "A Photo Of A DOG!", "a diagram", "an image of a c
          "The quick brown fox jumps over the lazy dog", "a photo of a Pembroke Welsh corgi",
          "a photo of a Tesla Model S Sedan 2012, a type of car.", "a centered satellite photo of annual crop land.",
          "a photo of a 1965 Ford Mustang", "tulips, roses & daisies", "x" * 200, "word " * 40]
+
+
+# ftfy's character-level fixes (OpenAI runs ftfy.fix_text first): none of these is mojibake, so its encoding repair
+# (not reproduced) leaves them alone; tokenizer_cases() checks that
+FTFY_TEXTS = ["\uff76\uff9e\uff77\uff9e \uff83\uff7d\uff84", "\uff8a\uff9f\uff9d\u3002", "\uffa1\uffa4\uffa7 \uffc2\uffc3",
+              "\uffe5100 or \uffe0 or \uffe1", "\uffe2\uffe3\uffe4\uffe6 \uff5f\uff60 \uffe8\uffe9\uffee",
+              "\uff28\uff45\uff4c\uff4c\uff4f\u3000\uff37\uff4f\uff52\uff4c\uff44\uff01", "\u0133sbaan \u0132SSEL",
+              "\u01c6ungla \u01c4 \u01c5", "\u01c9ubav \u01c7 \u01c8 \u01cc \u01ca \u01cb \u01f3 \u01f1 \u01f2",
+              "\ufb05op \ufb06ar \ufb00 \ufb04", "\u0149 what", "fish &amp;amp;amp; chips",
+              "&amp;amp;amp;lt;b&amp;amp;amp;gt;", "&amp;amp;quot;hi&amp;amp;quot;", "a <b>bold</b> &amp;amp;amp; more",
+              "line &amp;amp;amp; one\nline <two> &amp;amp;amp; three\nline &amp;amp;amp; four",
+              "&EACUTE;T&EACUTE; &NTILDE;", "&#59; and &#x3b; and &ampx; and &amp without", "it&#x2019;s &hellip; &#8220;x&#8221;",
+              "&#xff76;&#xff9e; &amp;#xff21;", "\x1b[31mred\x1b[0m text", "\x1b[1;32mbold\x1b[0m and \x1b[Kclear",
+              "\x93quoted\x94 and it\x92s", "dots\x85 euro \x80 dash \x96", "undefined \x81\x8d\x8f\x90\x9d bytes",
+              "\ufeffa photo", "a\ufeffb\ufeff", "a\x00b\x07c\x08d", "tab\tand\x0bvtab\x0cform", "\x7fdel \x1bbare esc",
+              "\u206adeprecated\u206f \ufff9ann\ufffbotation\ufffc", "lone \ud800 surrogate \udc00",
+              "a\r\nb\rc\u2028d\u2029e", "\u2018single\u2019 \u201adouble\u201b \u201cq\u201d \u201eq\u201f \u02bc",
+              "ca\u0301fe\u0301 na\u0308ive", "\uff21\u0301 \uff41\u0308"]
 
 
 def out(name):
@@ -84,12 +104,14 @@ def tokenizer_cases():
     tok = clip.simple_tokenizer.SimpleTokenizer(BPE)
     sot, eot = tok.encoder["<|startoftext|>"], tok.encoder["<|endoftext|>"]
     with open(out("tokenizer_cases.jsonl"), "w") as f:
-        for text in TEXTS:
+        for text in TEXTS + FTFY_TEXTS:
+            assert ftfy.fix_text(text) == ftfy.fix_text(text, fix_encoding=False), f"mojibake: {text!r}"
             ids = tok.encode(text)
             row = [sot, *ids, eot][:16]
             row[-1] = eot if len(ids) + 2 > 16 else row[-1]
-            f.write(json.dumps(dict(text=text, ids=ids, tokens_ctx16=row + [0] * (16 - len(row))), ensure_ascii=False)
-                    + "\n")
+            lone_surrogates = any(0xD800 <= ord(c) < 0xE000 for c in text)  # not writable as UTF-8: escaped
+            f.write(json.dumps(dict(text=text, ids=ids, tokens_ctx16=row + [0] * (16 - len(row))),
+                               ensure_ascii=lone_surrogates) + "\n")
 
 
 def openai_models():
@@ -231,11 +253,9 @@ def huggingface_model():
 
 if __name__ == "__main__":
     assert torch.__version__.startswith("2.13.0") and open_clip.__version__ == "3.3.0"
-    tokenizer_cases()
-    openai_models()
-    state_dict_listings()
-    losses()
-    transform_cases()
-    openclip_model()
-    huggingface_model()
+    steps = [tokenizer_cases, openai_models, state_dict_listings, losses, transform_cases, openclip_model,
+             huggingface_model]
+    for step in steps:  # or only those named: python reference/make_reference.py tokenizer_cases
+        if len(sys.argv) == 1 or step.__name__ in sys.argv[1:]:
+            step()
     print("written:", sorted(os.listdir(HERE)))
