@@ -4,6 +4,7 @@ OpenCLIP files and hub folders, Hugging Face CLIPModel folders, official CLOOB):
   python zeroshot.py --model ViT-B-32.pt --data imagenet/val        # one sub-folder per class
   python zeroshot.py --model ViT-B-32.pt --image cat.jpg --labels "a cat,a dog,a diagram"
   python zeroshot.py --model ViT-B-32.pt --retrieval coco.csv       # image<->text recall@1/5/10
+  torchrun --nproc_per_node=8 zeroshot.py --model ViT-B-32.pt --data imagenet/val   # the images split over 8 GPUs
 train.py's periodic zero-shot evaluation calls evaluate() below."""
 import argparse
 import collections
@@ -13,7 +14,9 @@ import os
 import pathlib
 import sys
 import time
+from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -68,24 +71,36 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_s
             hits = torch.stack([top5[:, 0] == y, (top5 == y[:, None]).any(dim=-1), torch.ones_like(y, dtype=bool)])
             counts[name].index_add_(1, y, hits.double())
     if cloob._distributed():
-        dist.all_reduce(skipped)
+        for t in [skipped, *counts.values()]:
+            dist.all_reduce(t)
     results = {}
     for name, (classnames, _) in tasks.items():
-        if cloob._distributed():
-            dist.all_reduce(counts[name])
-        top1, top5, total = counts[name].cpu()
-        n = int(total.sum())
-        results[name] = {"top1": top1.sum().item() / max(n, 1), "top5": top5.sum().item() / max(n, 1), "n": n,
-                         "skipped": int(skipped), "per_class": {c: (top1[i] / total[i]).item() if total[i] else None
-                                                                for i, c in enumerate(classnames)}}
+        top1, top5, seen = counts[name].cpu()  # [C] each
+        n = int(seen.sum())
+        per_class = {c: (top1[i] / seen[i]).item() if seen[i] else None for i, c in enumerate(classnames)}
+        results[name] = dict(top1=top1.sum().item() / max(n, 1), top5=top5.sum().item() / max(n, 1), n=n,
+                             skipped=int(skipped), per_class=per_class)
     return results
 
 # ---------------------------------------------------------------------------------------------------- data
 
 
 def _shard(n):
-    """This rank's share of n items: evaluation is split over ranks, never done by one while others wait."""
-    return slice(dist.get_rank(), n, dist.get_world_size()) if cloob._distributed() else slice(0, n)
+    """This rank's share of n items, a contiguous block: evaluation is split over ranks, never done by one while
+    others wait, and the shares of all ranks in rank order are the n items in order."""
+    if not cloob._distributed():
+        return slice(0, n)
+    size = math.ceil(n / dist.get_world_size())
+    return slice(dist.get_rank() * size, (dist.get_rank() + 1) * size)
+
+
+def _all_ranks(part):
+    """Every rank's `part` (anything picklable, on the CPU), in rank order; [part] in one process."""
+    if not cloob._distributed():
+        return [part]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
 
 
 def tensor_batches(images, labels, batch_size=256):
@@ -109,12 +124,15 @@ class Samples(torch.utils.data.Dataset):
     image, caption, labels, None), or (None, None, labels, why) when the item is unusable."""
 
     def __init__(self, dataset, resolution):
-        self.dataset, self.resolution = dataset, resolution
+        self.dataset, self.transform = dataset, partial(data.preprocess, resolution=resolution)
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, idx):
         item = self.dataset[idx]
         try:
-            return *data.load_sample(item, lambda im: data.preprocess(im, self.resolution)), item[2], None
+            return *data.load_sample(item, self.transform), item[2], None
         except ValueError as e:
             return None, None, item[2], str(e)
 
@@ -129,39 +147,66 @@ def _collate(batch):
 def loader(dataset, resolution, batch_size=256, workers=2):
     """Batches (images [B, 3, R, R], captions, labels {name: [B]}, skipped Counter) of a folder or CSV dataset (this
     rank's share), read by `workers` processes; unusable items are left out and counted."""
-    rows = range(len(dataset))[_shard(len(dataset))]
-    part = torch.utils.data.Subset(Samples(dataset, resolution), rows)
+    part = torch.utils.data.Subset(Samples(dataset, resolution), range(len(dataset))[_shard(len(dataset))])
     return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                                        pin_memory=torch.cuda.is_available())
-
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 
 
-def retrieval_recall(image_features, text_features, image_ids, ks=(1, 5, 10), chunk=4096):
-    """The standard (COCO, Flickr30k) protocol: rows are captions, image_ids [N] says whose (rows of one image share
-    it). Image->text: each image is a hit at k when any of its captions is in its top k; text->image ranks the unique
-    images. A rank is the number of candidates scoring strictly higher (from one matmul: no float noise)."""
-    ids, row_image = torch.unique(image_ids.cpu(), return_inverse=True)  # row_image [N]: which of the M images
-    rows = torch.arange(len(row_image))
-    first = torch.full((len(ids),), len(rows)).scatter_reduce(0, row_image, rows, "amin")  # a row of each image
-    device = image_features.device
-    images, row_image = image_features[first.to(device)], row_image.to(device)  # [M, D], [N]
+def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10), chunk=4096):
+    """The standard (COCO, Flickr30k) protocol. image_features [M, D]; text_features [N, D], caption j describing
+    image text_image[j]. Image->text: an image is a hit at k when any of its captions is in its top k; text->image
+    ranks the M images. A rank counts the candidates scoring strictly higher (from one matmul: no float noise)."""
+    text_image = text_image.to(text_features.device)
     ranks = {"image_to_text": [], "text_to_image": []}
-    for i in range(0, len(images), chunk):
-        scores = images[i:i + chunk] @ text_features.T  # [c, N]
-        own = row_image[None, :] == torch.arange(i, i + len(scores), device=device)[:, None]  # [c, N]: its captions
+    for i in range(0, len(image_features), chunk):
+        scores = image_features[i:i + chunk] @ text_features.T  # [c, N]
+        own = text_image[None, :] == torch.arange(i, i + len(scores), device=scores.device)[:, None]  # its captions
         best = scores.masked_fill(~own, -math.inf).amax(dim=-1, keepdim=True)  # [c, 1]
         ranks["image_to_text"].append((scores > best).sum(-1))
-    for i in range(0, len(text_features), chunk):
-        scores = text_features[i:i + chunk] @ images.T  # [c, M]
-        matched = scores.gather(1, row_image[i:i + chunk, None])  # [c, 1]
-        ranks["text_to_image"].append((scores > matched).sum(-1))
-    out = dict(images=len(images), captions=len(rows))
+    for j in range(0, len(text_features), chunk):
+        scores = text_features[j:j + chunk] @ image_features.T  # [c, M]
+        ranks["text_to_image"].append((scores > scores.gather(1, text_image[j:j + chunk, None])).sum(-1))
+    out = dict(images=len(image_features), captions=len(text_features))
     for direction, r in ranks.items():
         out.update({f"{direction}_R@{k}": (torch.cat(r) < k).float().mean().item() for k in ks})
     return out
 
+
+def retrieval(args, model, tokenizer, device):
+    """--retrieval: each image of a CSV read and encoded once (rows naming one file share it), each caption of a usable
+    image encoded, then recall@k both ways. Under torch.distributed images and captions are split over the ranks."""
+    dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    captioned = np.array([i for i, (_, caption) in enumerate(dataset.rows) if (caption or "").strip()], dtype=int)
+    skipped = collections.Counter("missing caption" if caption is None else "empty caption"
+                                  for _, caption in dataset.rows if not (caption or "").strip())
+    first = np.unique(dataset.image_ids[captioned], return_index=True)[1]  # a captioned row of each image
+    x, found = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, dtype=torch.long)]
+    images = [dataset[i] for i in captioned[first]]
+    for batch, _, labels, batch_skipped in loader(images, model.config.image_resolution, args.batch_size, args.workers):
+        skipped += batch_skipped
+        if len(batch):
+            x.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu())  # [B, D]
+            found.append(labels["image"])
+    parts = _all_ranks((torch.cat(x), torch.cat(found), skipped))
+    x, found = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [M, D], their image ids [M]
+    skipped = sum((p[2] for p in parts), collections.Counter())
+    note = f"; skipped {dict(skipped)}" if skipped else ""
+    if not len(found):
+        raise ValueError(f"{args.retrieval}: no usable image{note}")
+    row_of = torch.full((len(dataset),), -1).index_copy_(0, found, torch.arange(len(found)))  # image id -> row of x
+    text_image = row_of[torch.from_numpy(dataset.image_ids[captioned])]  # -1: the image is unusable
+    captions = [dataset.rows[i][1] for i in captioned[text_image.numpy() >= 0]]
+    mine, y = captions[_shard(len(captions))], [torch.zeros(0, model.config.embed_dim)]
+    for i in range(0, len(mine), args.batch_size):  # this rank's captions
+        tokens = tokenizer(mine[i:i + args.batch_size]).to(device)
+        y.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())  # [B, D]
+    y = torch.cat(_all_ranks(torch.cat(y)))  # [N, D]
+    r = dict(retrieval_recall(x, y, text_image[text_image >= 0]), skipped=dict(skipped))
+    print(f"{r['images']} images, {r['captions']} captions: " +
+          "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
+    return r
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
@@ -194,7 +239,6 @@ def parse_args(argv=None):
     a("--templates", help="ensemble (CLIP's 7 ImageNet prompts; the folder default) | single | FILE")
     a("--batch-size", type=int, default=256)
     a("--workers", type=int, default=2)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--output", help="write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.image and not args.labels:
@@ -204,7 +248,7 @@ def parse_args(argv=None):
     return args
 
 
-def classify_images(args, model, tokenizer):
+def classify_images(args, model, tokenizer, device):
     """The classic CLIP demo: softmax over the labels of logit_scale x cosine, per image."""
     in_file = os.path.isfile(args.labels)  # a file: one label a line (labels may hold commas)
     lines = pathlib.Path(args.labels).read_text("utf-8").splitlines() if in_file else args.labels.split(",")
@@ -213,21 +257,21 @@ def classify_images(args, model, tokenizer):
         raise ValueError(f"--labels {args.labels!r} names no label")
     if len(set(labels)) < len(labels):
         raise ValueError(f"--labels: {sorted({x for x in labels if labels.count(x) > 1})} given more than once")
-    w = classifier(model, tokenizer, labels, read_templates(args.templates) if args.templates else ("{}",), args.device)
+    w = classifier(model, tokenizer, labels, read_templates(args.templates) if args.templates else ("{}",), device)
     results = {}
     for path in args.image:
         try:  # missing, corrupt, too large, a directory
-            image, _ = data.load_sample((path, "-", {}), lambda im: data.preprocess(im, model.config.image_resolution))
+            image, _ = data.load_sample((path, "-", {}), partial(data.preprocess, resolution=model.config.image_resolution))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        x = F.normalize(model.encode_image(image[None].to(args.device)).float(), dim=-1)  # [1, D]
+        x = F.normalize(model.encode_image(image[None].to(device)).float(), dim=-1)  # [1, D]
         probs = (model.logit_scale.exp() * x @ w).softmax(dim=-1)[0]
         results[path] = dict(sorted(zip(labels, probs.tolist()), key=lambda kv: -kv[1]))
         print(path + "".join(f"\n  {prob:7.2%}  {label}" for label, prob in results[path].items()))
     return results
 
 
-def classify_folder(args, model, tokenizer):
+def classify_folder(args, model, tokenizer, device):
     if args.data == "synthetic":  # the built-in held-out benchmark
         if args.templates or args.classnames:
             raise ValueError("--data synthetic has its own class names and templates")
@@ -238,7 +282,7 @@ def classify_folder(args, model, tokenizer):
         tasks = {"label": class_task(folder, args.classnames, args.templates)}
         batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
     t0 = time.time()
-    results = evaluate(model, tokenizer, tasks, batches, args.device, n, args.batch_size)
+    results = evaluate(model, tokenizer, tasks, batches, device, n, args.batch_size)
     for name, r in results.items():
         top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
         print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['n'] / (time.time() - t0):.0f} "
@@ -260,29 +304,13 @@ def class_task(folder, classnames=None, templates=None):
     return names, read_templates(templates or "ensemble")
 
 
-def retrieval(args, model, tokenizer):
-    """--retrieval: encode a CSV's image/caption pairs, then recall@k both ways by the standard protocol."""
-    dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    xs, ys, ids, skipped = [], [], [], collections.Counter()
-    for images, captions, labels, batch_skipped in loader(dataset, model.config.image_resolution, args.batch_size,
-                                                          args.workers):
-        skipped += batch_skipped
-        if len(images):
-            xs.append(F.normalize(model.encode_image(images.to(args.device)).float(), dim=-1))  # [B, D]
-            ys.append(F.normalize(model.encode_text(tokenizer(captions).to(args.device)).float(), dim=-1))
-            ids.append(labels["image"])
-    note = f"; skipped {dict(skipped)}" if skipped else ""
-    if not xs:
-        raise ValueError(f"{args.retrieval}: no usable image{note}")
-    r = dict(retrieval_recall(torch.cat(xs), torch.cat(ys), torch.cat(ids)), skipped=dict(skipped))
-    print(f"{r['images']} images, {r['captions']} captions: " +
-          "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
-    return r
-
-
 @torch.no_grad()
 def main(argv=None):
+    """Under torchrun the images are split over the ranks (NCCL or gloo); rank 0 alone prints and writes --output."""
     args = parse_args(argv)
+    rank, _, device = cloob.setup_distributed()
+    if rank > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     try:  # bad input: one line, no traceback
         if args.output:  # before any work: a path that cannot be written is an error now, not after the run
             try:
@@ -290,22 +318,25 @@ def main(argv=None):
             except OSError as e:
                 raise ValueError(f"--output {args.output}: {e.strerror}") from None
         model, info = cloob.load_model(args.model, **(dict(quick_gelu=False) if args.gelu else {}))
-        tokenizer = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
+        tokenizer = cloob.tokenizer_for(model.config, info["tokenizer"])
         print(f"{args.model}: {info['format']} checkpoint, {info['method']}, {info['tokenizer']} tokenizer, "
               f"{model.config.image_resolution}px", file=sys.stderr)
-        model = model.to(args.device)
+        model = model.to(device)
         if args.image:
-            results = classify_images(args, model, tokenizer)
+            results = classify_images(args, model, tokenizer, device)
         elif args.retrieval:
-            results = retrieval(args, model, tokenizer)
+            results = retrieval(args, model, tokenizer, device)
         else:
-            results = classify_folder(args, model, tokenizer)
-        if args.output:
+            results = classify_folder(args, model, tokenizer, device)
+        if args.output and rank == 0:
             pathlib.Path(args.output).write_text(json.dumps(dict(results, model=args.model), indent=1))
         return results
-    except (FileNotFoundError, ValueError) as e:
-        print(f"zeroshot.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as e:  # a rank other than 0 says it too, on its own stderr
+        print(f"zeroshot.py: error: {str(e).strip().splitlines()[-1]}", file=sys.__stderr__ if rank else sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
