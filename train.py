@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict, replace
 from functools import partial
 
@@ -342,8 +343,8 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
         features = [net(*chunks[0])]
         saved = [b.clone() for b in model.buffers()]  # BatchNorm's running statistics after one forward: kept
         features += [net(i, t) for i, t in chunks[1:]]
-    x = torch.cat([f[0] for f in features]).float().requires_grad_()  # [B, D]
-    y = torch.cat([f[1] for f in features]).float().requires_grad_()
+    x = torch.cat([f[0] for f in features]).requires_grad_()  # [B, D]; the loss computes in float32 (or float64)
+    y = torch.cat([f[1] for f in features]).requires_grad_()
     loss = compute_loss(args, net, x, y)
     scaler.scale(loss).backward()  # -> x.grad, y.grad [B, D] (scaled like the loss under fp16)
     for (i, t), gx, gy in zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps)):
@@ -510,9 +511,10 @@ def train(args, rank, world, device):
             if streak.item() >= 5:  # the weights are those before the first of these steps
                 raise FloatingPointError(f"the loss was not finite for {int(streak.item())} steps in a row (by step "
                                          f"{done}); last checkpoint: {last_good or 'none'}; try a lower --lr")
-        stop = torch.tensor(float(bool(RECEIVED)))
+        stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)  # a stop signal's number, or 0
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
+        stop = int(stop)
         save_now = done % args.save_every == 0 or done == total or stop
         evaluate_now = (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total
         if world > 1 and (save_now or evaluate_now):  # without --sync-bn, each rank's BatchNorm statistics drift
@@ -528,12 +530,11 @@ def train(args, rank, world, device):
             line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items())
             log(run_dir, rank, {"step": done, **top1}, line)
         if stop and done < total:
-            number = (RECEIVED or [signal.SIGTERM])[0]
-            print0(rank, f"stopped by {signal.Signals(number).name} after step {done}: saved {last_good}; continue "
+            print0(rank, f"stopped by {signal.Signals(stop).name} after step {done}: saved {last_good}; continue "
                          f"with the same command and --resume latest")
             if world > 1:
                 dist.barrier(group=stop_group)  # every rank exits after rank 0 has saved
-            return 128 + number
+            return 128 + stop
     print0(rank, f"done: checkpoints and metrics.jsonl in {run_dir}")
     return 0
 
@@ -547,6 +548,7 @@ def main(argv=None):
         code = train(args, rank, world, device)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ours; from a loader worker: its last line
         print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        traceback.clear_frames(e.__traceback__)  # frees the loader now: shut down by gc.collect, workers wait 5 s
         code = 1
     finally:
         gc.collect()  # the DDP wrapper lives in reference cycles: free it while its process group is still alive

@@ -8,6 +8,7 @@ OpenCLIP files and hub folders, Hugging Face CLIPModel folders, official CLOOB):
 train.py's periodic zero-shot evaluation calls evaluate() below."""
 import argparse
 import collections
+from collections import Counter
 import json
 import math
 import os
@@ -179,10 +180,8 @@ def retrieval(args, model, tokenizer, device):
     image encoded, then recall@k both ways. Under torch.distributed images and captions are split over the ranks."""
     dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     captioned = np.array([i for i, (_, caption) in enumerate(dataset.rows) if (caption or "").strip()], dtype=int)
-    skipped = collections.Counter("missing caption" if caption is None else "empty caption"
-                                  for _, caption in dataset.rows if not (caption or "").strip())
     first = np.unique(dataset.image_ids[captioned], return_index=True)[1]  # a captioned row of each image
-    x, found = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, dtype=torch.long)]
+    x, found, skipped = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, dtype=torch.long)], Counter()
     images = [dataset[i] for i in captioned[first]]
     for batch, _, labels, batch_skipped in loader(images, model.config.image_resolution, args.batch_size, args.workers):
         skipped += batch_skipped
@@ -191,7 +190,8 @@ def retrieval(args, model, tokenizer, device):
             found.append(labels["image"])
     parts = _all_ranks((torch.cat(x), torch.cat(found), skipped))
     x, found = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [M, D], their image ids [M]
-    skipped = sum((p[2] for p in parts), collections.Counter())
+    skipped = sum((p[2] for p in parts), Counter(("missing caption" if c is None else "empty caption")
+                                                 for _, c in dataset.rows if not (c or "").strip()))
     note = f"; skipped {dict(skipped)}" if skipped else ""
     if not len(found):
         raise ValueError(f"{args.retrieval}: no usable image{note}")
@@ -308,6 +308,7 @@ def class_task(folder, classnames=None, templates=None):
 def main(argv=None):
     """Under torchrun the images are split over the ranks (NCCL or gloo); rank 0 alone prints and writes --output."""
     args = parse_args(argv)
+    own_group = not dist.is_initialized()  # a caller's process group is left as it is
     rank, _, device = cloob.setup_distributed()
     if rank > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -335,7 +336,7 @@ def main(argv=None):
         print(f"zeroshot.py: error: {str(e).strip().splitlines()[-1]}", file=sys.__stderr__ if rank else sys.stderr)
         sys.exit(1)
     finally:
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -193,14 +193,18 @@ def losses():
 
 def transform_cases():
     """OpenAI's evaluation transform (clip.clip._transform, torchvision) on images of the modes where the order of its
-    steps shows (palette, RGBA, LA, CMYK), saved as files: {name: (file bytes as uint8, expected [3, 16, 16])}."""
+    steps shows (palette, RGBA, LA, CMYK), and on RGB images whose centre crop starts half a pixel in (46 x 32 and
+    32 x 46 -> 23 x 16: `round` gives 4 where flooring gives 3), saved as files:
+    {name: (file bytes as uint8, expected [3, 16, 16])}."""
     import io
     import numpy as np
     from PIL import Image
     g = np.random.default_rng(0)
     rgba = Image.fromarray(g.integers(0, 256, (30, 41, 4), dtype=np.uint8), "RGBA")
     images = {"palette.png": rgba.convert("RGB").quantize(16), "rgba.png": rgba, "la.png": rgba.convert("LA"),
-              "cmyk.jpg": rgba.convert("CMYK"), "palette.gif": rgba.convert("RGB").quantize(8)}
+              "cmyk.jpg": rgba.convert("CMYK"), "palette.gif": rgba.convert("RGB").quantize(8),
+              "wide.png": Image.fromarray(g.integers(0, 256, (32, 46, 3), dtype=np.uint8)),
+              "tall.png": Image.fromarray(g.integers(0, 256, (46, 32, 3), dtype=np.uint8))}
     cases = {}
     for name, image in images.items():
         buffer = io.BytesIO()
