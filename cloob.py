@@ -202,44 +202,23 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-class Attention(nn.Module):
-    """nn.MultiheadAttention's parameter layout (in_proj_weight, in_proj_bias, out_proj) on top of SDPA."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x, causal=False, pool=None):  # x [B, L, D]; pool: [B] positions (or one): their queries only
-        B, L, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, D/H]
-        mask = None
-        if pool is not None:  # one query a row, which (causal) sees the positions up to its own
-            q = q[torch.arange(B, device=x.device), :, pool].unsqueeze(2)  # [B, H, 1, D/H]
-            mask = (torch.arange(L, device=x.device) <= pool[:, None])[:, None, None] if causal else None  # [B,1,1,L]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and pool is None)
-        return self.out_proj(x.transpose(1, 2).reshape(B, -1, D))
-
-
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads, quick_gelu=True):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(width), Attention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn, self.heads = nn.MultiheadAttention(width, heads), heads  # OpenAI's parameters, computed with SDPA
         self.ln_2 = nn.LayerNorm(width)
         gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
                                              c_proj=nn.Linear(4 * width, width)))
 
-    def forward(self, x, causal=False, pool=None):  # pool: [B] positions (or one): compute these only -> [B, 1, D]
-        y = self.ln_1(x)
-        if pool is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), pool, None]  # [B, 1, D]
-        x = x + self.attn(y, causal, pool)
+    def forward(self, x, mask=None, causal=False, rows=slice(None)):
+        """x [B, L, D] -> x[rows] after the block: only the queries at `rows` are computed. mask [B, 1, 1, L]: True
+        where a query may look; causal: each position sees those up to its own (SDPA's fast kernel)."""
+        q, k, v = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q[rows], k, v))  # [B, heads, L, D/heads]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).transpose(1, 2)
+        x = x[rows] + self.attn.out_proj(out.flatten(2))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -249,9 +228,13 @@ class Transformer(nn.Module):
         self.width, self.layers, self.grad_checkpointing = width, layers, False
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
 
-    def forward(self, x, causal=False, pool=None):  # x [B, L, D] -> [B, L, D]; with pool: [B, 1, D] (see the block)
-        x = _run_blocks(self, self.resblocks[:-1], x, causal)
-        return _run_blocks(self, self.resblocks[-1:], x, causal, pool)  # the last block: only what the tower uses
+    def forward(self, x, pool, causal=False):
+        """x [B, L, D] -> [B, 1, D] at position pool[b] of each row (the class token; with causal attention, the end
+        token). The last block computes only that position, its query seeing the positions up to it (causal)."""
+        x = _run_blocks(self, self.resblocks[:-1], x, None, causal)
+        positions = torch.arange(x.shape[1], device=x.device)
+        mask = (positions <= pool[:, None])[:, None, None] if causal else None  # [B, 1, 1, L]
+        return _run_blocks(self, self.resblocks[-1:], x, mask, False, (torch.arange(len(x), device=x.device), pool, None))
 
 
 class VisionTransformer(nn.Module):
@@ -269,7 +252,7 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid², width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))  # [B, grid²+1, width]
-        return self.ln_post(self.transformer(x, pool=0)[:, 0]) @ self.proj  # the class token -> [B, output_dim]
+        return self.ln_post(self.transformer(x, 0)[:, 0]) @ self.proj  # the class token -> [B, output_dim]
 
 
 class Bottleneck(nn.Module):
@@ -389,7 +372,7 @@ class CLIP(nn.Module):
     def encode_text(self, tokens):  # [B, L] -> [B, embed_dim], not normalised; L <= context_length
         x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # [B, L, width]
         eot = (tokens == self.config.vocab_size - 1).int().argmax(dim=-1)  # first end token of each row
-        return self.ln_final(self.transformer(x, causal=True, pool=eot)[:, 0]) @ self.text_projection
+        return self.ln_final(self.transformer(x, eot, causal=True)[:, 0]) @ self.text_projection
 
     def forward(self, images, tokens):
         """-> L2-normalised (image_features, text_features), each [B, embed_dim]."""

@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.utils.benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 import cloob
@@ -42,8 +43,6 @@ def checked(kind, ok, rule):
 COUNT = checked(int, lambda v: v >= 1, ">= 1")
 NATURAL = checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE = checked(float, lambda v: 0 < v < math.inf, "> 0")
-
-
 # on synthetic data, the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (README, Train)
 DEMO = dict(model="tiny-vit", batch_size=128, lr=5e-4, warmup=500, restart_cycles=1, steps=1000, workers=0)
 # on real data, the official CLOOB recipe (Conceptual Captions: 8 GPUs x 64)
@@ -57,12 +56,12 @@ def parse_args(argv=None):
     a("--model", choices=sorted(cloob.CONFIGS), help="preset (default: tiny-vit on synthetic data, else RN50)")
     a("--pretrained", help="start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, HF, CLOOB, ours)")
     a("--gelu", action="store_true", help="--pretrained is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
-    a("--tokenizer", choices=["clip", "bytes"], help="default: bytes on synthetic data, else clip")
+    a("--tokenizer", choices=["clip", "bytes"], help="default: the checkpoint's; bytes on synthetic data, else clip")
     a("--init-inv-tau", type=POSITIVE, default=30.0, help="CLOOB's inverse temperature (fixed unless --learn-inv-tau)")
     a("--learn-inv-tau", action="store_true")
     a("--hopfield-beta", type=POSITIVE, default=8.0)
-    a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar'")
-    a("--train-num-samples", type=COUNT, help="samples per epoch (needed for tar shards)")
+    a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar' (or .tar.gz)")
+    a("--train-num-samples", type=COUNT, help="samples in an epoch of tar shards (which need it)")
     data.csv_arguments(p)
     a("--workers", type=NATURAL, help="data-loading processes per rank (default 0 on synthetic data, else 2)")
     a("--zeroshot-data", help="image folder (one sub-folder per class); default on synthetic data: held-out set")
@@ -184,13 +183,12 @@ def _exit_on_sigterm_from_parent():
         pass
     os._exit(0)
 
-
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
 def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
-    # no RNG state: nothing draws from torch's generators while training (data randomness is numpy's, a function of
-    # seed, step and index)
+    """No RNG state: nothing draws from torch's generators while training (data randomness is numpy's, a function of
+    seed, step and index)."""
     path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
                           beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
@@ -239,8 +237,8 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             group.update(setting)
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
             scaler.load_state_dict(ckpt["scaler"])
-        changed = [f"{k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
-        print0(rank, f"resuming from {path} (step {ckpt['step']}{''.join('; ' + c for c in changed)})")
+        changed = [f"; {k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
+        print0(rank, f"resuming from {path} (step {ckpt['step']}{''.join(changed)})")
         return ckpt["step"], path
     if found:
         raise ValueError(f"--resume latest: no readable checkpoint in {run_dir}/checkpoints")
@@ -257,48 +255,41 @@ def open_run_dir(args, run_dir, start, total):
         for tmp in pathlib.Path(run_dir, "checkpoints").glob("*.tmp"):
             os.remove(tmp)
         aside = os.path.join(run_dir, f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}")
-        for path in [p for p in cloob.checkpoints(run_dir) if int(os.path.basename(p)[5:-3]) > start]:  # step_0000040
-            print(f"--resume {args.resume}: a later checkpoint, {os.path.basename(path)}, is moved to {aside}")
-            os.renames(path, os.path.join(aside, os.path.basename(path)))  # makes the folder
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.isfile(metrics):
-            lines = pathlib.Path(metrics).read_text().splitlines(keepends=True)
-            kept = [line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start]
-            pathlib.Path(metrics + ".tmp").write_text("".join(kept))
-            os.replace(metrics + ".tmp", metrics)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dict(vars(args), total_steps=total), f, indent=1)
+        for path in cloob.checkpoints(run_dir):
+            name = os.path.basename(path)  # step_0000040.pt
+            if int(name.removeprefix("step_").removesuffix(".pt")) > start:
+                print(f"--resume {args.resume}: a later checkpoint, {name}, is moved to {aside}")
+                os.renames(path, os.path.join(aside, name))  # makes the folder
+        metrics = pathlib.Path(run_dir, "metrics.jsonl")
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines(keepends=True)
+            pathlib.Path(f"{metrics}.tmp").write_text("".join(
+                line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start))
+            os.replace(f"{metrics}.tmp", metrics)
+        pathlib.Path(run_dir, "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
     except OSError as e:
         raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
-
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-
-def compute_loss(args, model, x, y):
-    scale = cloob.unwrap(model).logit_scale.exp()
-    return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
 
 
 def zeroshot_tasks(args, resolution):
     """-> (zero-shot tasks, a function giving this rank's batches of them), or None: --zeroshot-data (named after the
-    folder, as zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark."""
-    if args.zeroshot_data:  # evaluated at zeroshot.py's batch size (no gradients: small next to training's)
+    folder, as zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark; evaluated
+    at zeroshot.py's batch size (no gradients: small next to training's)."""
+    if args.zeroshot_data:
         folder = data.ImageFolder(args.zeroshot_data, task=os.path.basename(os.path.normpath(args.zeroshot_data)))
-        return {folder.task: zeroshot.class_task(folder)}, partial(zeroshot.loader, folder, resolution, workers=args.workers)
+        return {folder.task: zeroshot.class_task(folder)}, partial(zeroshot.loader, folder, resolution,
+                                                                   workers=args.workers)
     if args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
         return tasks, partial(zeroshot.tensor_batches, images, labels)
     return None
 
 
-def print0(rank, line):
+def print0(rank, line, run_dir=None, event=None):
+    """Rank 0 prints the line and appends the event to the run's metrics.jsonl."""
     if rank == 0:
         print(line, flush=True)
-
-
-def log(run_dir, rank, event, line):
-    print0(rank, line)
-    if rank == 0:
+    if rank == 0 and event:
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
 
@@ -328,6 +319,11 @@ def prepare(args, model, device, world):
     return net, optimizer, scaler, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def compute_loss(args, model, x, y):
+    scale = cloob.unwrap(model).logit_scale.exp()
+    return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
+
+
 def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     """Exact gradient caching (Gao et al., 2021) over K = --accum-steps micro-batches of this rank's batch:
     1. encode every micro-batch without autograd: the features of the whole batch;
@@ -341,7 +337,7 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     model = cloob.unwrap(net)
     with torch.no_grad(), ctx:
         features = [net(*chunks[0])]
-        saved = [b.clone() for b in model.buffers()]  # BatchNorm's running statistics after one forward: kept
+        saved = [b.clone() for b in model.buffers()]
         features += [net(i, t) for i, t in chunks[1:]]
     x = torch.cat([f[0] for f in features]).requires_grad_()  # [B, D]; the loss computes in float32 (or float64)
     y = torch.cat([f[1] for f in features]).requires_grad_()
@@ -422,30 +418,27 @@ def flops_per_sample(config):
 
 
 def bench(args, model, device, world):
-    """Time train_step on a random batch already on the device: median of --steps steps after 5 warm-up steps
-    (compilation, allocator, kernel choice). -> a dict, printed as one JSON object."""
+    """Time train_step on a random batch already on the device: the mean of --steps steps after 5 warm-up steps
+    (compilation, the allocator, kernel choice), the device synchronised. -> a dict, printed as one JSON object."""
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     c, g = model.config, torch.Generator().manual_seed(0)
-    shape = (args.batch_size, 3, c.image_resolution, c.image_resolution)
-    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(device)  # as the loader gives them
+    images = torch.randint(0, 256, (args.batch_size, 3, c.image_resolution, c.image_resolution), generator=g,
+                           dtype=torch.uint8)  # as the loader gives them
     tokens = torch.randint(0, c.vocab_size - 1, (args.batch_size, c.context_length), generator=g)
     tokens[:, -1] = c.vocab_size - 1  # the end token, where the text tower pools
-    tokens, times = tokens.to(device), []
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    for _ in range(5 + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
-        sync()
-        times.append(time.perf_counter() - t0)
-    step, flops, peak = sorted(times[5:])[len(times[5:]) // 2], flops_per_sample(c), peak_tflops(device, args.precision)
-    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+    step = partial(train_step, args, model, net, optimizer, scaler, ctx, images.to(device), tokens.to(device), world)
+    for _ in range(5):
+        step()
+    timer = torch.utils.benchmark.Timer("step()", globals=dict(step=step), num_threads=torch.get_num_threads())
+    seconds, flops, peak = timer.timeit(args.steps).mean, flops_per_sample(c), peak_tflops(device, args.precision)
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
     settings = ("model", "method", "batch_size", "precision", "compile", "accum_steps", "grad_checkpointing")
-    result = dict({k: vars(args)[k] for k in settings}, step_ms=step * 1e3, samples_per_s=args.batch_size / step,
+    result = dict({k: vars(args)[k] for k in settings}, step_ms=seconds * 1e3, samples_per_s=args.batch_size / seconds,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   flops_per_sample=flops, peak_memory_gib=memory / 2 ** 30,
-                  mfu=flops * args.batch_size / step / (peak * 1e12) if peak else None)
+                  mfu=flops * args.batch_size / seconds / (peak * 1e12) if peak else None)
     print(json.dumps(result))
     return result
 
@@ -475,11 +468,10 @@ def train(args, rank, world, device):
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
-    # stop signals are agreed on over a CPU group, so that every rank stops after the same step, with no device sync
-    stop_group = dist.new_group(backend="gloo") if world > 1 else None
+    # losses, stop signals and skip counts are reduced over a CPU group: no device sync in the loop
+    cpu_group = dist.new_group(backend="gloo") if world > 1 else None
     skipped, t0, waiting = collections.Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
-    # non-finite losses are counted on the device and read only when logging: no host sync in the loop
-    streak, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)
+    streak, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)  # steps not taken
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
@@ -488,32 +480,31 @@ def train(args, rank, world, device):
         images, tokens, batch_skipped = next(batches)
         waiting += time.time() - wait
         skipped += batch_skipped
-        loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
+        loss, taken = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
         if step == start and args.compile:
             print0(rank, f"first step, with torch.compile's compilation: {time.time() - t0:.1f} s")
-        streak, nonfinite = (streak + 1) * (1 - finite), nonfinite + 1 - finite
-        done = step + 1
+        streak, nonfinite, done = (streak + 1) * (1 - taken), nonfinite + 1 - taken, step + 1
         if done % args.log_every == 0 or done == total:
-            stats = torch.stack([loss.double(), torch.tensor(float(sum(skipped.values())), device=device)])
+            stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
             if world > 1:
-                dist.all_reduce(stats)
+                dist.all_reduce(stats, group=cpu_group)
             elapsed = time.time() - t0
             event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
                          inv_temperature=model.logit_scale.exp().item(), data_wait=waiting / elapsed,
-                         samples_per_s=(done - start) * args.batch_size * world / elapsed, skipped=int(stats[1].item()),
-                         nonfinite_steps=int(nonfinite.item()))
+                         samples_per_s=(done - start) * args.batch_size * world / elapsed, skipped=int(stats[1]),
+                         nonfinite_steps=int(nonfinite))
             line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
                     f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
                     f"{event['data_wait']:.0%} eta {(total - done) / (done - start) * elapsed / 60:.1f} min")
             line += f" skipped {dict(skipped)}" if skipped else ""
-            line += f" non-finite loss: {event['nonfinite_steps']} steps skipped" if event["nonfinite_steps"] else ""
-            log(run_dir, rank, event, line)
-            if streak.item() >= 5:  # the weights are those before the first of these steps
-                raise FloatingPointError(f"the loss was not finite for {int(streak.item())} steps in a row (by step "
-                                         f"{done}); last checkpoint: {last_good or 'none'}; try a lower --lr")
+            line += f" non-finite loss: {int(nonfinite)} steps skipped" if nonfinite else ""
+            print0(rank, line, run_dir, event)
+            if streak >= 5:  # the weights are those before the first of these steps
+                raise FloatingPointError(f"the loss was not finite for {int(streak)} steps in a row (by step {done}); "
+                                         f"last checkpoint: {last_good or 'none'}; try a lower --lr")
         stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)  # a stop signal's number, or 0
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=stop_group)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=cpu_group)
         stop = int(stop)
         save_now = done % args.save_every == 0 or done == total or stop
         evaluate_now = (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total
@@ -527,13 +518,13 @@ def train(args, rank, world, device):
             results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device)
             model.train()
             top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
-            line = f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items())
-            log(run_dir, rank, {"step": done, **top1}, line)
+            print0(rank, f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items()), run_dir,
+                   dict(step=done, **top1))
         if stop and done < total:
             print0(rank, f"stopped by {signal.Signals(stop).name} after step {done}: saved {last_good}; continue "
                          f"with the same command and --resume latest")
             if world > 1:
-                dist.barrier(group=stop_group)  # every rank exits after rank 0 has saved
+                dist.barrier(group=cpu_group)  # every rank exits after rank 0 has saved
             return 128 + stop
     print0(rank, f"done: checkpoints and metrics.jsonl in {run_dir}")
     return 0
