@@ -7,14 +7,13 @@ OpenCLIP files and hub folders, Hugging Face CLIPModel folders, official CLOOB):
   torchrun --nproc_per_node=8 zeroshot.py --model ViT-B-32.pt --data imagenet/val   # the images split over 8 GPUs
 train.py's periodic zero-shot evaluation calls evaluate() below."""
 import argparse
-import collections
-from collections import Counter
 import json
 import math
 import os
 import pathlib
 import sys
 import time
+from collections import Counter
 from functools import partial
 
 import numpy as np
@@ -32,6 +31,18 @@ TEMPLATES = {  # CLIP's 7-template ImageNet ensemble, and its single prompt
 }
 
 
+def image_features(model, images, device):
+    """[B, 3, R, R] -> L2-normalised float32 features [B, D] on the device."""
+    return F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)
+
+
+def text_features(model, tokenizer, texts, device, batch_size=256):
+    """Captions -> L2-normalised float32 features [N, D] on the CPU, batch_size at a time."""
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    features = [model.encode_text(tokenizer(batch).to(device)).float().cpu() for batch in batches]
+    return F.normalize(torch.cat([torch.zeros(0, model.config.embed_dim), *features]), dim=-1)
+
+
 @torch.no_grad()
 def classifier(model, tokenizer, classnames, templates, device="cpu", batch_size=256):
     """[D, C] weights: for each class, encode every template filled with its name, L2-normalise, average,
@@ -39,10 +50,9 @@ def classifier(model, tokenizer, classnames, templates, device="cpu", batch_size
     step, weights = max(1, batch_size // len(templates)), []
     for i in range(0, len(classnames), step):
         names = classnames[i:i + step]
-        tokens = tokenizer([t.replace("{}", c) for c in names for t in templates]).to(device)
-        features = F.normalize(model.encode_text(tokens).float(), dim=-1).view(len(names), len(templates), -1)
-        weights.append(F.normalize(features.mean(dim=1), dim=-1))  # [classes, D]
-    return torch.cat(weights).T
+        features = text_features(model, tokenizer, [t.replace("{}", c) for c in names for t in templates], device)
+        weights.append(F.normalize(features.view(len(names), len(templates), -1).mean(dim=1), dim=-1))  # [classes, D]
+    return torch.cat(weights).T.to(device)
 
 
 @torch.no_grad()
@@ -53,19 +63,18 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_s
     totals. With `total` images, a progress line (images/s, ETA) goes to stderr every 10 s.
     -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
     weights = {name: classifier(model, tokenizer, *task, device, batch_size) for name, task in tasks.items()}
-    # per task and class: top-1 hits, top-5 hits, images
+    # per task and class: top-1 hits, top-5 hits, images; and the images left out
     counts = {name: torch.zeros(3, len(task[0]), dtype=torch.float64, device=device) for name, task in tasks.items()}
-    skipped = torch.zeros((), dtype=torch.float64, device=device)
-    done, start, shown = 0, time.time(), 0.0  # shown: seconds after the start of the last progress line
+    skipped, done, start, shown = torch.zeros((), dtype=torch.float64, device=device), 0, time.time(), 0.0
     for images, _, labels, batch_skipped in batches:
         skipped += sum(batch_skipped.values())
         done, elapsed = done + len(images) + sum(batch_skipped.values()), time.time() - start
-        if total and elapsed - shown > 10 and done < total:
+        if total and elapsed - shown > 10 and done < total:  # shown: when the last progress line was
             shown, rate = elapsed, done / elapsed
             print(f"  {done}/{total} images, {rate:.0f} images/s, eta {(total - done) / rate:.0f} s", file=sys.stderr)
         if not len(images):
             continue
-        features = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)  # [B, D]
+        features = image_features(model, images, device)  # [B, D]
         for name, w in weights.items():
             y = labels[name].to(device)
             top5 = (features @ w).topk(min(5, w.shape[1]), dim=-1).indices  # [B, k], best first
@@ -77,8 +86,8 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_s
     results = {}
     for name, (classnames, _) in tasks.items():
         top1, top5, seen = counts[name].cpu()  # [C] each
-        n = int(seen.sum())
         per_class = {c: (top1[i] / seen[i]).item() if seen[i] else None for i, c in enumerate(classnames)}
+        n = int(seen.sum())
         results[name] = dict(top1=top1.sum().item() / max(n, 1), top5=top5.sum().item() / max(n, 1), n=n,
                              skipped=int(skipped), per_class=per_class)
     return results
@@ -109,7 +118,7 @@ def tensor_batches(images, labels, batch_size=256):
     part = _shard(len(images))
     images, labels = images[part], {k: v[part] for k, v in labels.items()}
     for i in range(0, len(images), batch_size):
-        yield images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, collections.Counter()
+        yield images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, Counter()
 
 
 def synthetic_benchmark(resolution, n=500, seed=0):
@@ -120,58 +129,47 @@ def synthetic_benchmark(resolution, n=500, seed=0):
     return dict(data.ZEROSHOT_TASKS), images, {k: torch.from_numpy(v) for k, v in labels.items()}
 
 
-class Samples(torch.utils.data.Dataset):
-    """A dataset of (image path, caption, labels) items (data.ImageFolder, data.CsvCaptions) -> (preprocessed
-    image, caption, labels, None), or (None, None, labels, why) when the item is unusable."""
-
-    def __init__(self, dataset, resolution):
-        self.dataset, self.transform = dataset, partial(data.preprocess, resolution=resolution)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, idx):
-        item = self.dataset[idx]
+def _load_batch(resolution, items):
+    """(image path, caption, labels) items -> (preprocessed images [B, 3, R, R], captions, labels {name: [B]}, Counter
+    of the unusable items left out), in a loader worker."""
+    images, captions, labels, skipped = [], [], [], Counter()
+    for item in items:
         try:
-            return *data.load_sample(item, self.transform), item[2], None
+            image, caption = data.load_sample(item, partial(data.preprocess, resolution=resolution))
         except ValueError as e:
-            return None, None, item[2], str(e)
-
-
-def _collate(batch):
-    ok = [b for b in batch if b[0] is not None]
-    images = torch.stack([b[0] for b in ok]) if ok else torch.empty(0)
-    labels = {k: torch.tensor([b[2][k] for b in ok], dtype=torch.long) for k in batch[0][2]}
-    return images, [b[1] for b in ok], labels, collections.Counter(b[3] for b in batch if b[0] is None)
+            skipped[str(e)] += 1
+            continue
+        images.append(image)
+        captions.append(caption)
+        labels.append(item[2])
+    images = torch.stack(images) if images else torch.empty(0, 3, resolution, resolution)
+    return images, captions, {k: torch.tensor([x[k] for x in labels], dtype=torch.long) for k in items[0][2]}, skipped
 
 
 def loader(dataset, resolution, batch_size=256, workers=2):
-    """Batches (images [B, 3, R, R], captions, labels {name: [B]}, skipped Counter) of a folder or CSV dataset (this
-    rank's share), read by `workers` processes; unusable items are left out and counted."""
-    part = torch.utils.data.Subset(Samples(dataset, resolution), range(len(dataset))[_shard(len(dataset))])
-    return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                       pin_memory=torch.cuda.is_available())
+    """Batches of a folder or CSV dataset (this rank's share), as _load_batch makes them, read by `workers`
+    processes."""
+    part = torch.utils.data.Subset(dataset, range(len(dataset))[_shard(len(dataset))])
+    return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers,
+                                       collate_fn=partial(_load_batch, resolution), pin_memory=torch.cuda.is_available())
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 
 
 def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10), chunk=4096):
     """The standard (COCO, Flickr30k) protocol. image_features [M, D]; text_features [N, D], caption j describing
-    image text_image[j]. Image->text: an image is a hit at k when any of its captions is in its top k; text->image
-    ranks the M images. A rank counts the candidates scoring strictly higher (from one matmul: no float noise)."""
-    text_image = text_image.to(text_features.device)
-    ranks = {"image_to_text": [], "text_to_image": []}
+    image text_image[j]. Image->text: an image is a hit at k when one of its captions is among its k best; text->image:
+    when its image is among the k best of the M."""
+    hits = {"image_to_text": [], "text_to_image": []}  # [rows, k]: whether the i-th best is right
     for i in range(0, len(image_features), chunk):
-        scores = image_features[i:i + chunk] @ text_features.T  # [c, N]
-        own = text_image[None, :] == torch.arange(i, i + len(scores), device=scores.device)[:, None]  # its captions
-        best = scores.masked_fill(~own, -math.inf).amax(dim=-1, keepdim=True)  # [c, 1]
-        ranks["image_to_text"].append((scores > best).sum(-1))
+        best = (image_features[i:i + chunk] @ text_features.T).topk(min(max(ks), len(text_features))).indices
+        hits["image_to_text"].append(text_image[best] == torch.arange(i, i + len(best))[:, None])
     for j in range(0, len(text_features), chunk):
-        scores = text_features[j:j + chunk] @ image_features.T  # [c, M]
-        ranks["text_to_image"].append((scores > scores.gather(1, text_image[j:j + chunk, None])).sum(-1))
+        best = (text_features[j:j + chunk] @ image_features.T).topk(min(max(ks), len(image_features))).indices
+        hits["text_to_image"].append(best == text_image[j:j + chunk, None])
     out = dict(images=len(image_features), captions=len(text_features))
-    for direction, r in ranks.items():
-        out.update({f"{direction}_R@{k}": (torch.cat(r) < k).float().mean().item() for k in ks})
+    for direction, h in hits.items():
+        out.update({f"{direction}_R@{k}": torch.cat(h)[:, :k].any(dim=-1).float().mean().item() for k in ks})
     return out
 
 
@@ -181,28 +179,23 @@ def retrieval(args, model, tokenizer, device):
     dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     captioned = np.array([i for i, (_, caption) in enumerate(dataset.rows) if (caption or "").strip()], dtype=int)
     first = np.unique(dataset.image_ids[captioned], return_index=True)[1]  # a captioned row of each image
-    x, found, skipped = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, dtype=torch.long)], Counter()
+    x, ids, skipped = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, dtype=torch.long)], Counter()
     images = [dataset[i] for i in captioned[first]]
     for batch, _, labels, batch_skipped in loader(images, model.config.image_resolution, args.batch_size, args.workers):
+        x.append(image_features(model, batch, device).cpu())  # [B, D]
+        ids.append(labels["image"])
         skipped += batch_skipped
-        if len(batch):
-            x.append(F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu())  # [B, D]
-            found.append(labels["image"])
-    parts = _all_ranks((torch.cat(x), torch.cat(found), skipped))
-    x, found = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [M, D], their image ids [M]
-    skipped = sum((p[2] for p in parts), Counter(("missing caption" if c is None else "empty caption")
+    parts = _all_ranks((torch.cat(x), torch.cat(ids), skipped))
+    x, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [M, D] features, their image ids
+    skipped = sum((p[2] for p in parts), Counter("missing caption" if c is None else "empty caption"
                                                  for _, c in dataset.rows if not (c or "").strip()))
     note = f"; skipped {dict(skipped)}" if skipped else ""
-    if not len(found):
+    if not len(ids):
         raise ValueError(f"{args.retrieval}: no usable image{note}")
-    row_of = torch.full((len(dataset),), -1).index_copy_(0, found, torch.arange(len(found)))  # image id -> row of x
-    text_image = row_of[torch.from_numpy(dataset.image_ids[captioned])]  # -1: the image is unusable
+    row_of = torch.full((len(dataset),), -1).index_copy_(0, ids, torch.arange(len(ids)))  # image id -> row of x
+    text_image = row_of[dataset.image_ids[captioned]]  # -1: the image is unusable
     captions = [dataset.rows[i][1] for i in captioned[text_image.numpy() >= 0]]
-    mine, y = captions[_shard(len(captions))], [torch.zeros(0, model.config.embed_dim)]
-    for i in range(0, len(mine), args.batch_size):  # this rank's captions
-        tokens = tokenizer(mine[i:i + args.batch_size]).to(device)
-        y.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())  # [B, D]
-    y = torch.cat(_all_ranks(torch.cat(y)))  # [N, D]
+    y = torch.cat(_all_ranks(text_features(model, tokenizer, captions[_shard(len(captions))], device)))
     r = dict(retrieval_recall(x, y, text_image[text_image >= 0]), skipped=dict(skipped))
     print(f"{r['images']} images, {r['captions']} captions: " +
           "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
@@ -211,13 +204,18 @@ def retrieval(args, model, tokenizer, device):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def read_lines(path):
+    """A UTF-8 text file's lines, stripped, the empty ones left out."""
+    return [line.strip() for line in pathlib.Path(path).read_text("utf-8").splitlines() if line.strip()]
+
+
 def read_templates(spec):
     """--templates: ensemble | single | FILE with one template containing {} per line."""
     if spec in TEMPLATES:
         return TEMPLATES[spec]
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--templates: not a built-in set ({', '.join(TEMPLATES)}) nor a file: {spec}")
-    templates = tuple(line.strip() for line in pathlib.Path(spec).read_text("utf-8").splitlines() if line.strip())
+    templates = read_lines(spec)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
         raise ValueError(f"{spec}: every template needs a {{}} for the class name (bad: {bad[:1] or 'file is empty'})")
@@ -250,9 +248,9 @@ def parse_args(argv=None):
 
 def classify_images(args, model, tokenizer, device):
     """The classic CLIP demo: softmax over the labels of logit_scale x cosine, per image."""
-    in_file = os.path.isfile(args.labels)  # a file: one label a line (labels may hold commas)
-    lines = pathlib.Path(args.labels).read_text("utf-8").splitlines() if in_file else args.labels.split(",")
-    labels = [line.strip() for line in lines if line.strip()]
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if os.path.isfile(args.labels):  # one label a line (labels may hold commas)
+        labels = read_lines(args.labels)
     if not labels:
         raise ValueError(f"--labels {args.labels!r} names no label")
     if len(set(labels)) < len(labels):
@@ -264,8 +262,7 @@ def classify_images(args, model, tokenizer, device):
             image, _ = data.load_sample((path, "-", {}), partial(data.preprocess, resolution=model.config.image_resolution))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        x = F.normalize(model.encode_image(image[None].to(device)).float(), dim=-1)  # [1, D]
-        probs = (model.logit_scale.exp() * x @ w).softmax(dim=-1)[0]
+        probs = (model.logit_scale.exp() * image_features(model, image[None], device) @ w).softmax(dim=-1)[0]
         results[path] = dict(sorted(zip(labels, probs.tolist()), key=lambda kv: -kv[1]))
         print(path + "".join(f"\n  {prob:7.2%}  {label}" for label, prob in results[path].items()))
     return results
@@ -298,7 +295,7 @@ def class_task(folder, classnames=None, templates=None):
     --zeroshot-data uses the defaults."""
     names = [c.replace("_", " ") for c in folder.classes]
     if classnames:
-        names = [line.strip() for line in pathlib.Path(classnames).read_text("utf-8").splitlines() if line.strip()]
+        names = read_lines(classnames)
     if len(names) != len(folder.classes):
         raise ValueError(f"{classnames} has {len(names)} class names for {len(folder.classes)} class folders")
     return names, read_templates(templates or "ensemble")
