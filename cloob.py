@@ -18,7 +18,6 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
-from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,20 +32,19 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class ModelConfig:
-    """Field names are the arguments of OpenAI's `CLIP(...)`. An int `vision_layers` is a ViT, a 4-tuple a
-    ModifiedResNet. The end-of-text id is vocab_size-1."""
+    """Field names are the arguments of OpenAI's `CLIP(...)`. The end-of-text id is vocab_size-1."""
     embed_dim: int = 512
     image_resolution: int = 224
-    vision_layers: Union[int, Tuple[int, int, int, int]] = 12
+    vision_layers: int | tuple = 12  # an int: a ViT's blocks; 4 numbers: a ResNet's blocks per stage
     vision_width: int = 768
-    vision_patch_size: Optional[int] = 32
+    vision_patch_size: int | None = 32
     context_length: int = 77
     vocab_size: int = 49408
     transformer_width: int = 512
     transformer_heads: int = 8
     transformer_layers: int = 12
     quick_gelu: bool = True  # x * sigmoid(1.702 x), as every OpenAI and CLOOB checkpoint; False: exact GELU
-    vision_heads: Optional[int] = None  # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
+    vision_heads: int | None = None  # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
 
 
 def _preset(embed, res, layers, width, patch, text_width, text_heads=None, **kw):
@@ -119,8 +117,9 @@ def _ftfy(text, unescape_html=True):
 
 def _bytes_to_unicode():
     """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    return {**{b: chr(b) for b in bs}, **{b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in bs)}}
+    printable = [b for b in range(256) if chr(b).isprintable() and b != 32]  # "!".."~", "¡".."¬", "®".."ÿ"
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 @functools.lru_cache(maxsize=4)
@@ -713,5 +712,5 @@ def save_checkpoint(path, model, tokenizer, method, inv_tau=None, beta=None, **s
     ckpt = dict(state_dict=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer, method=method,
                 inv_tau=inv_tau, beta=beta, **state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    torch.save(ckpt, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)

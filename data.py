@@ -1,6 +1,5 @@
 """Data: CLIP's image preprocessing in PIL + numpy; datasets (built-in synthetic captions, CSV/TSV, webdataset-style tar
 shards, image folders); loaders for DDP whose global batch does not depend on the number of ranks or workers."""
-import collections
 import csv
 import io
 import math
@@ -9,16 +8,18 @@ import pathlib
 import re
 import tarfile
 import zlib
+from collections import Counter
 from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 
-MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)  # CLIP's RGB normalisation
-STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation
+STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder
 TAR_EXTS = (".tar", ".tar.gz")  # webdataset shards, plain or gzipped
+MEMBER_KINDS = {".txt": "txt", **dict.fromkeys(IMAGE_EXTS, "image")}  # a tar member's extension -> what it holds
 
 
 def channels_first(pixels):
@@ -47,7 +48,7 @@ def preprocess(image, resolution):
     w, h = image.size  # as torchvision's Resize(int): the longer side is rounded down; at the size already: a copy
     w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
     image = image.resize((w, h), Image.BICUBIC)
-    left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+    left, top = round((w - resolution) / 2), round((h - resolution) / 2)  # as torchvision's CenterCrop
     return normalize(channels_first(to_rgb(image.crop((left, top, left + resolution, top + resolution)))))
 
 
@@ -127,7 +128,7 @@ class Synthetic(torch.utils.data.Dataset):
 
     def __getitem__(self, keys):
         pixels, captions, _ = self.render([idx for _, idx in keys])
-        return channels_first(pixels), captions, collections.Counter()  # float 0..255
+        return channels_first(pixels), captions, Counter()  # float 0..255
 
     def render(self, indices):
         """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""
@@ -206,9 +207,10 @@ class CsvCaptions(torch.utils.data.Dataset):
                              f"set --csv-img-key / --csv-caption-key / --csv-separator")
         self.rows = []
         for row in reader:
-            if any("\n" in (row[k] or "") or "\r" in (row[k] or "") for k in (img_key, caption_key)):
+            image, caption = row[img_key], row[caption_key]  # None where a short row lacks the field
+            if "\n" in f"{image}{caption}" or "\r" in f"{image}{caption}":
                 raise ValueError(f"{path}, line {reader.line_num}: a field runs over several lines (no end quote?)")
-            self.rows.append((row[img_key], row[caption_key]))
+            self.rows.append((image, caption))
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")
         self.root = os.path.dirname(os.path.abspath(path))
@@ -286,7 +288,7 @@ class TrainSet(torch.utils.data.Dataset):
         self.dataset, self.resolution, self.seed = dataset, resolution, seed
 
     def __getitem__(self, keys):
-        images, captions, skipped = [], [], collections.Counter()
+        images, captions, skipped = [], [], Counter()
         for step, idx in keys:
             for tries in range(100):
                 i = (idx + tries) % len(self.dataset)
@@ -361,7 +363,7 @@ def tar_samples(path):
             if not member.isfile():
                 continue
             stem, ext = os.path.splitext(member.name)
-            kind = "txt" if ext.lower() == ".txt" else "image" if ext.lower() in IMAGE_EXTS else None
+            kind = MEMBER_KINDS.get(ext.lower())
             if (stem != key or kind in group) and group:
                 yield group.get("image"), group.get("txt")
                 group = {}
@@ -398,7 +400,7 @@ class TarShards(torch.utils.data.IterableDataset):
         slot = (self.start + (info.id if info else 0)) % workers
         shards = self.shards[self.rank * workers + slot::self.world * workers]
         step, skip = self.start + (slot - self.start) % workers, len(range(slot, self.start, workers)) * self.batch_size
-        images, captions, skipped, found = [], [], collections.Counter(), 0
+        images, captions, skipped, found = [], [], Counter(), 0
         for epoch in range(10 ** 9):
             if epoch and found < self.batch_size:  # else a batch would hold a sample twice (or, with none, hang)
                 raise ValueError(f"{found} usable samples in a pass over {', '.join(map(os.path.basename, shards))} "
@@ -425,6 +427,6 @@ class TarShards(torch.utils.data.IterableDataset):
                         captions.append(caption)
                         if len(images) == self.batch_size:
                             yield torch.stack(images), captions, skipped
-                            images, captions, skipped, step = [], [], collections.Counter(), step + workers
+                            images, captions, skipped, step = [], [], Counter(), step + workers
                 except (tarfile.TarError, EOFError, zlib.error):
                     skipped[f"damaged shard {os.path.basename(shard)}"] += 1

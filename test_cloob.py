@@ -752,13 +752,13 @@ def test_preprocess_resizes_shorter_side_and_centre_crops():
     pixels = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)  # h=20, w=40: already the right short side
     out = data.preprocess(Image.fromarray(pixels), 20)
     assert out.shape == (3, 20, 20) and out.dtype == torch.float32
-    expected = (pixels[:, 10:30].astype(np.float32) / 255 - data.MEAN) / data.STD
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])  # OpenAI's
+    expected = (pixels[:, 10:30] / 255 - mean) / std
     assert np.allclose(out.numpy(), expected.transpose(2, 0, 1), atol=1e-6)
     grey = Image.new("L", (90, 45), 128)  # grey, non-square, needs resizing: every pixel is 128/255 normalised
     out = data.preprocess(grey, 32)
     assert out.shape == (3, 32, 32)
-    assert np.allclose(out.numpy(), ((128 / 255 - data.MEAN) / data.STD)[:, None, None], atol=1e-6)
-
+    assert np.allclose(out.numpy(), ((128 / 255 - mean) / std)[:, None, None], atol=1e-6)
 
 
 def test_preprocess_equals_openais_transform():

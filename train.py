@@ -189,7 +189,7 @@ def _exit_on_sigterm_from_parent():
 def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
     """No RNG state: nothing draws from torch's generators while training (data randomness is numpy's, a function of
     seed, step and index)."""
-    path = os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt")
+    path = run_dir / "checkpoints" / f"step_{step:07d}.pt"
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
                           beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args))
@@ -251,37 +251,35 @@ def open_run_dir(args, run_dir, start, total):
     resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again), and
     checkpoints after it (a rollback with --resume PATH) are moved aside: --resume latest continues this line."""
     try:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-        for tmp in pathlib.Path(run_dir, "checkpoints").glob("*.tmp"):
-            os.remove(tmp)
-        aside = os.path.join(run_dir, f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}")
-        for path in cloob.checkpoints(run_dir):
-            name = os.path.basename(path)  # step_0000040.pt
-            if int(name.removeprefix("step_").removesuffix(".pt")) > start:
-                print(f"--resume {args.resume}: a later checkpoint, {name}, is moved to {aside}")
-                os.renames(path, os.path.join(aside, name))  # makes the folder
-        metrics = pathlib.Path(run_dir, "metrics.jsonl")
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for tmp in (run_dir / "checkpoints").glob("*.tmp"):
+            tmp.unlink()
+        aside = run_dir / f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}"
+        for path in map(pathlib.Path, cloob.checkpoints(run_dir)):
+            if int(path.stem.removeprefix("step_")) > start:  # step_0000040.pt
+                print(f"--resume {args.resume}: a later checkpoint, {path.name}, is moved to {aside}")
+                os.renames(path, aside / path.name)  # makes the folder
+        metrics = run_dir / "metrics.jsonl"
         if metrics.is_file():
             lines = metrics.read_text().splitlines(keepends=True)
-            pathlib.Path(f"{metrics}.tmp").write_text("".join(
-                line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start))
-            os.replace(f"{metrics}.tmp", metrics)
-        pathlib.Path(run_dir, "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
+            kept = [line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start]
+            (run_dir / "metrics.tmp").write_text("".join(kept))
+            os.replace(run_dir / "metrics.tmp", metrics)
+        (run_dir / "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
     except OSError as e:
         raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
 
 
 def zeroshot_tasks(args, resolution):
-    """-> (zero-shot tasks, a function giving this rank's batches of them), or None: --zeroshot-data (named after the
-    folder, as zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark; evaluated
-    at zeroshot.py's batch size (no gradients: small next to training's)."""
+    """-> (zero-shot tasks, this rank's batches of their images), or None: --zeroshot-data (named after the folder, as
+    zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark; evaluated at
+    zeroshot.py's batch size (no gradients: small next to training's)."""
     if args.zeroshot_data:
         folder = data.ImageFolder(args.zeroshot_data, task=os.path.basename(os.path.normpath(args.zeroshot_data)))
-        return {folder.task: zeroshot.class_task(folder)}, partial(zeroshot.loader, folder, resolution,
-                                                                   workers=args.workers)
+        return {folder.task: zeroshot.class_task(folder)}, zeroshot.loader(folder, resolution, workers=args.workers)
     if args.train_data == "synthetic":
         tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
-        return tasks, partial(zeroshot.tensor_batches, images, labels)
+        return tasks, zeroshot.tensor_batches(images, labels)
     return None
 
 
@@ -290,7 +288,7 @@ def print0(rank, line, run_dir=None, event=None):
     if rank == 0:
         print(line, flush=True)
     if rank == 0 and event:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(event) + "\n")
 
 # ---------------------------------------------------------------------------------------------------- the step
@@ -418,15 +416,13 @@ def flops_per_sample(config):
 
 
 def bench(args, model, device, world):
-    """Time train_step on a random batch already on the device: the mean of --steps steps after 5 warm-up steps
-    (compilation, the allocator, kernel choice), the device synchronised. -> a dict, printed as one JSON object."""
+    """Time train_step on a batch already on the device: the mean of --steps steps after 5 warm-up steps (compilation,
+    the allocator, kernel choice), the device synchronised. -> a dict, printed as one JSON object."""
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
-    c, g = model.config, torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size, 3, c.image_resolution, c.image_resolution), generator=g,
-                           dtype=torch.uint8)  # as the loader gives them
-    tokens = torch.randint(0, c.vocab_size - 1, (args.batch_size, c.context_length), generator=g)
-    tokens[:, -1] = c.vocab_size - 1  # the end token, where the text tower pools
-    step = partial(train_step, args, model, net, optimizer, scaler, ctx, images.to(device), tokens.to(device), world)
+    c = model.config
+    images = torch.zeros(args.batch_size, 3, c.image_resolution, c.image_resolution, dtype=torch.uint8, device=device)
+    tokens = torch.full((args.batch_size, c.context_length), c.vocab_size - 1, device=device)  # every position used
+    step = partial(train_step, args, model, net, optimizer, scaler, ctx, images, tokens, world)
     for _ in range(5):
         step()
     timer = torch.utils.benchmark.Timer("step()", globals=dict(step=step), num_threads=torch.get_num_threads())
@@ -434,8 +430,7 @@ def bench(args, model, device, world):
     memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
-    settings = ("model", "method", "batch_size", "precision", "compile", "accum_steps", "grad_checkpointing")
-    result = dict({k: vars(args)[k] for k in settings}, step_ms=seconds * 1e3, samples_per_s=args.batch_size / seconds,
+    result = dict(vars(args), step_ms=seconds * 1e3, samples_per_s=args.batch_size / seconds,
                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   flops_per_sample=flops, peak_memory_gib=memory / 2 ** 30,
                   mfu=flops * args.batch_size / seconds / (peak * 1e12) if peak else None)
@@ -452,7 +447,7 @@ RECEIVED = []  # stop signals this process got
 
 def train(args, rank, world, device):
     """-> 0 when the run finished, 128 + the signal's number when a stop signal ended it early (after a checkpoint)."""
-    run_dir = os.path.join(args.logs_dir, args.name)
+    run_dir = pathlib.Path(args.logs_dir, args.name)
     dataset = open_data(args, rank, world)
     model, tokenizer = build_model(args, device)
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
@@ -515,7 +510,7 @@ def train(args, rank, world, device):
             last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
         if evaluate_now and tasks:  # also at a stop: the resumed run starts after this step
             # every rank evaluates its share of the images and gets the same results
-            results = zeroshot.evaluate(model.eval(), tokenizer, tasks[0], tasks[1](), device)
+            results = zeroshot.evaluate(model.eval(), tokenizer, *tasks, device)
             model.train()
             top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
             print0(rank, f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items()), run_dir,

@@ -76,10 +76,9 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_s
             continue
         features = image_features(model, images, device)  # [B, D]
         for name, w in weights.items():
-            y = labels[name].to(device)
-            top5 = (features @ w).topk(min(5, w.shape[1]), dim=-1).indices  # [B, k], best first
-            hits = torch.stack([top5[:, 0] == y, (top5 == y[:, None]).any(dim=-1), torch.ones_like(y, dtype=bool)])
-            counts[name].index_add_(1, y, hits.double())
+            y, scores = labels[name].to(device), features @ w  # [B], [B, C]
+            rank = (scores > scores.gather(1, y[:, None])).sum(dim=1)  # classes scoring above the true one
+            counts[name].index_add_(1, y, torch.stack([rank < 1, rank < 5, torch.ones_like(y, dtype=bool)]).double())
     if cloob._distributed():
         for t in [skipped, *counts.values()]:
             dist.all_reduce(t)
@@ -117,8 +116,8 @@ def tensor_batches(images, labels, batch_size=256):
     """This rank's batches of preprocessed images [N, 3, R, R] with labels {name: [N]}, for evaluate()."""
     part = _shard(len(images))
     images, labels = images[part], {k: v[part] for k, v in labels.items()}
-    for i in range(0, len(images), batch_size):
-        yield images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, Counter()
+    return [(images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, Counter())
+            for i in range(0, len(images), batch_size)]
 
 
 def synthetic_benchmark(resolution, n=500, seed=0):
