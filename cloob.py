@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import pathlib
 import re
 import unicodedata
 import warnings
@@ -71,7 +72,7 @@ CONFIGS = {
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: OpenAI's CLIP BPE on tiktoken, or raw bytes
 
-BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")  # OpenAI's, MIT
+BPE_PATH = pathlib.Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")  # OpenAI's, MIT licence
 
 # OpenAI's tokenizer first runs ftfy.fix_text. Its character-level fixes are reproduced here (its mojibake repair,
 # fix_encoding, is not): one translate table for C1 controls (read as Windows-1252), Latin ligatures, full- and
@@ -154,7 +155,8 @@ class Tokenizer:
             raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path}")
         self.name, self.context_length = encoding, context_length
         self.enc = _clip_encoding(bpe_path) if encoding == "clip" else None
-        self.sot, self.eot, self.vocab_size = (49406, 49407, 49408) if self.enc else (256, 257, 258)
+        self.vocab_size = 49408 if self.enc else 258
+        self.sot, self.eot = self.vocab_size - 2, self.vocab_size - 1
         self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                                     r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
@@ -344,8 +346,7 @@ class CLIP(nn.Module):
         attention pooling and bottlenecks initialise themselves)."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        towers = [self.transformer] + ([self.visual.transformer] if isinstance(self.visual, VisionTransformer) else [])
-        for t in towers:
+        for t in [self.transformer, *(m for m in self.visual.modules() if isinstance(m, Transformer))]:
             proj_std = t.width ** -0.5 * (2 * t.layers) ** -0.5
             for block in t.resblocks:
                 nn.init.normal_(block.attn.in_proj_weight, std=t.width ** -0.5)
@@ -636,8 +637,8 @@ def _read(path):
         with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = torch.jit.load(path, map_location="cpu").state_dict()
-            sd = {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-            return sd, dict(format="openai-torchscript", method="clip", tokenizer="clip")
+        scalars = ("input_resolution", "context_length", "vocab_size")  # the archive's, beside the weights
+        return {k: v for k, v in sd.items() if k not in scalars}, dict(format="openai-torchscript")
     ckpt = read_file(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -646,20 +647,18 @@ def _read(path):
         raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
     if "config" in ckpt:  # ours; a hand-made file may hold only weights and config (tokenizer: by the vocabulary)
         config = ModelConfig(**ckpt["config"])
-        info = dict(method="clip", tokenizer="bytes" if config.vocab_size == 258 else "clip")
-        info.update({k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt})
-        return sd, dict(info, format="cloob", config=config)
+        info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
+        return sd, {"tokenizer": "bytes" if config.vocab_size == 258 else "clip", **info, "format": "cloob",
+                    "config": config}
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     if "transformer.token_embedding.weight" in sd:  # official CLOOB (OpenAI's towers): text under "transformer."
-        sd = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in sd.items()}
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
         sd["logit_scale"] = sd.pop("logit_inv_tau")
         beta = sd.pop("logit_scale_hopfield").exp().item() if "logit_scale_hopfield" in sd else 8.0
-        return sd, dict(format="cloob-official", method="cloob", tokenizer="clip", beta=beta,
-                        inv_tau=sd["logit_scale"].exp().item())
-    info = dict(format="openai-state-dict", method="clip", tokenizer="clip")
+        return sd, dict(format="cloob-official", method="cloob", beta=beta, inv_tau=sd["logit_scale"].exp().item())
+    info = dict(format="openai-state-dict")
     if config_file:
-        with open(config_file) as f:
-            cfg = json.load(f)
+        cfg = json.loads(pathlib.Path(config_file).read_text())
         if config_file.endswith("open_clip_config.json"):
             info.update(format="openclip-hub", arch=_openclip_architecture(cfg, config_file))
         else:
@@ -674,6 +673,7 @@ def load_model(path, **overrides):
     fields (e.g. quick_gelu=False). A bare state dict records no activation or head width: OpenAI's are assumed
     (QuickGELU, 64-wide heads) and a warning says so."""
     sd, info = _read(path)  # float16 weights become float32 as they are copied into the model
+    info = {"method": "clip", "tokenizer": "clip", **info}  # unless the file says otherwise
     try:  # overrides must be ModelConfig fields (else a TypeError)
         config = replace(info.pop("config", None) or infer_config(sd), **{**info.pop("arch", {}), **overrides})
     except KeyError as e:

@@ -52,18 +52,18 @@ def preprocess(image, resolution):
     return normalize(channels_first(to_rgb(image.crop((left, top, left + resolution, top + resolution)))))
 
 
-def crop_box(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params: up to 10 draws of an area fraction and a log-uniform aspect ratio
-    until the crop fits, else the central crop of the nearest allowed aspect ratio. -> (left, top, right, bottom)."""
+def crop_box(width, height, rng):
+    """torchvision's RandomResizedCrop.get_params at CLIP's scale (0.9, 1) and ratio (3/4, 4/3): up to 10 draws of an
+    area fraction and a log-uniform aspect ratio until the crop fits, else the central crop of the nearest allowed
+    aspect ratio. -> (left, top, right, bottom)."""
     for _ in range(10):
-        area = width * height * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        area = width * height * rng.uniform(0.9, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             return left, top, left + w, top + h
-    w = round(height * ratio[1]) if width / height > ratio[1] else width
-    h = round(width / ratio[0]) if width / height < ratio[0] else height
+    w, h = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
     return (width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h
 
 

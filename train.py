@@ -466,7 +466,7 @@ def train(args, rank, world, device):
     # losses, stop signals and skip counts are reduced over a CPU group: no device sync in the loop
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
     skipped, t0, waiting = collections.Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
-    streak, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)  # steps not taken
+    streak = nonfinite = torch.zeros((), device=device)  # steps not taken: in a row, in all
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
