@@ -12,7 +12,9 @@ from collections import Counter
 from functools import partial
 
 import numpy as np
+from numpy.random import default_rng
 import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 from PIL import Image
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation
@@ -113,7 +115,7 @@ def is_heldout(shape, colour, position):
     return (SHAPES.index(shape) + 2 * list(COLOURS).index(colour) + 3 * list(POSITIONS).index(position)) % 5 == 0
 
 
-class Synthetic(torch.utils.data.Dataset):
+class Synthetic(Dataset):
     """Captioned images of coloured shapes, rendered a batch at a time with array operations, deterministic per
     index. split="train": the 80 seen shape/colour/position triples; split="heldout": the 20 unseen ones.
     Indexed by a list of (step, index) keys, as data.GlobalBatches makes them: -> (images, captions, skipped)."""
@@ -133,7 +135,7 @@ class Synthetic(torch.utils.data.Dataset):
     def render(self, indices):
         """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""
         R, n = self.resolution, len(indices)
-        rngs = [np.random.default_rng([self.seed, idx, self.heldout]) for idx in indices]
+        rngs = [default_rng([self.seed, idx, self.heldout]) for idx in indices]
         u = np.stack([rng.random(10, dtype=np.float32) for rng in rngs])  # [n, 10]: all but noise and caption
         shape, colour, position = zip(*(self.triples[int(t * len(self.triples))] for t in u[:, 0]))
         size = [list(SIZES)[int(t * len(SIZES))] for t in u[:, 1]]
@@ -182,7 +184,7 @@ def csv_arguments(parser):
     parser.add_argument("--csv-separator", help="default: tab for .tsv, comma otherwise")
 
 
-class CsvCaptions(torch.utils.data.Dataset):
+class CsvCaptions(Dataset):
     """Image paths (relative to the file's folder) and captions from a CSV/TSV. Items: (image path, caption,
     {"image": id of the row's image}); a row without the field gives None there (the sample is skipped and counted)."""
 
@@ -216,7 +218,7 @@ class CsvCaptions(torch.utils.data.Dataset):
         self.root = os.path.dirname(os.path.abspath(path))
         # rows that name one image file, however the path is spelled, share its id (several captions per image)
         files = [os.path.realpath(os.path.join(self.root, image or "")) for image, _ in self.rows]
-        self.image_ids = np.unique(files, return_inverse=True)[1]
+        self.image_ids = np.unique(files, return_inverse=True)[1].tolist()
 
     def __len__(self):
         return len(self.rows)
@@ -225,15 +227,15 @@ class CsvCaptions(torch.utils.data.Dataset):
         path, caption = self.rows[idx]
         if path is not None:  # relative to the file's folder
             path = os.path.join(self.root, path)
-        return path, caption, {"image": int(self.image_ids[idx])}
+        return path, caption, {"image": self.image_ids[idx]}
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(Dataset):
     """One sub-folder per class (sorted), images found at any depth below it. Items: (path, class folder name,
-    {task: class index}). A class folder without images stays a candidate label."""
+    {task: class index}), the task named after the folder. A class folder without images stays a candidate label."""
 
-    def __init__(self, root, task="label"):
-        self.task = task
+    def __init__(self, root):
+        self.task = os.path.basename(os.path.normpath(root))
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder not found: {root}")
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
@@ -279,7 +281,7 @@ def load_sample(item, transform):
         raise ValueError("corrupt image") from None
 
 
-class TrainSet(torch.utils.data.Dataset):
+class TrainSet(Dataset):
     """A file dataset's training batches, indexed by a list of (step, index) keys: the crop of a sample is seeded
     by (seed, step, index), so its augmentation does not depend on which rank or worker loads it. An unusable
     item is replaced by the next usable index (deterministically) and counted. -> (images, captions, skipped)."""
@@ -292,7 +294,7 @@ class TrainSet(torch.utils.data.Dataset):
         for step, idx in keys:
             for tries in range(100):
                 i = (idx + tries) % len(self.dataset)
-                rng = np.random.default_rng([self.seed, step, i])
+                rng = default_rng([self.seed, step, i])
                 try:
                     crop = partial(random_resized_crop, resolution=self.resolution, rng=rng)
                     image, caption = load_sample(self.dataset[i], crop)
@@ -312,7 +314,7 @@ def steps_per_epoch(num_samples, global_batch):
     return num_samples // global_batch
 
 
-class GlobalBatches(torch.utils.data.Sampler):
+class GlobalBatches(Sampler):
     """This rank's share of each global batch, as a list of (step, index) keys. Epoch e is a permutation seeded by
     (seed, e), cut into global batches of world*batch_size. Cut into `accum_steps` micro-batches (gradient caching),
     micro-batch k of each rank holds its share of the global batch's micro-batch k: the ranks together normalise
@@ -329,7 +331,7 @@ class GlobalBatches(torch.utils.data.Sampler):
         while True:
             epoch, b = divmod(step, self.steps_per_epoch)
             if b == 0 or perm is None:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                perm = default_rng([self.seed, epoch]).permutation(self.n)
             rows = perm[b * self.world * self.batch_size:(b + 1) * self.world * self.batch_size]  # the global batch
             mine = rows.reshape(self.accum_steps, self.world, -1)[:, self.rank]  # [micro-batches, rows of each]
             yield [(step, int(i)) for i in mine.flatten()]
@@ -376,7 +378,7 @@ def tar_samples(path):
             raise tarfile.ReadError(f"unexpected end of data in {path}")
 
 
-class TarShards(torch.utils.data.IterableDataset):
+class TarShards(IterableDataset):
     """Webdataset-style shards split over ranks and workers without overlap, looped over forever (shard order
     reshuffled each pass); yields whole batches (images, captions, skipped). A damaged shard is read up to the
     damage, then skipped and counted by name.
@@ -395,7 +397,7 @@ class TarShards(torch.utils.data.IterableDataset):
         self.seed, self.start = seed, start
 
     def __iter__(self):
-        info = torch.utils.data.get_worker_info()
+        info = get_worker_info()
         workers = info.num_workers if info else 1
         slot = (self.start + (info.id if info else 0)) % workers
         shards = self.shards[self.rank * workers + slot::self.world * workers]
@@ -407,7 +409,7 @@ class TarShards(torch.utils.data.IterableDataset):
                                  f"(the {len(shards)} of {len(self.shards)} shards read by rank {self.rank}, loader "
                                  f"worker {slot}): fewer than a batch of {self.batch_size} ({dict(skipped)})")
             found = 0
-            for shard in np.random.default_rng([self.seed, epoch, self.rank, slot]).permutation(shards):
+            for shard in default_rng([self.seed, epoch, self.rank, slot]).permutation(shards):
                 try:
                     for image, caption in tar_samples(shard):
                         caption = None if caption is None else caption.decode("utf-8", "replace")
@@ -415,7 +417,7 @@ class TarShards(torch.utils.data.IterableDataset):
                             usable = image is not None and bool(caption and caption.strip())
                             found, skip = found + usable, skip - usable
                             continue
-                        rng = np.random.default_rng([self.seed, step, len(images), self.rank])
+                        rng = default_rng([self.seed, step, len(images), self.rank])
                         try:
                             crop = partial(random_resized_crop, resolution=self.resolution, rng=rng)
                             image, caption = load_sample((image and io.BytesIO(image), caption, {}), crop)

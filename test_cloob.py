@@ -1612,7 +1612,7 @@ def test_zeroshot_batched_classifier_equals_direct_computation(eval_folder, tmp_
     out = tmp_path / "r.json"
     zeroshot.main(["--model", str(eval_folder / "run"), "--data", str(eval_folder / "images"), "--templates", "single",
                    "--batch-size", "4", "--workers", "0", "--output", str(out)])
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text())["images"]  # the task is named after the folder
     model, info = cloob.load_model(str(eval_folder / "run" / "checkpoints" / "step_0000005.pt"))
     tok = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
     names, hits1, hits5, per_class = ["cross", "round disc", "square"], 0, 0, {}
@@ -1657,8 +1657,8 @@ def test_zeroshot_clip_tokenizer_checkpoint_through_the_cli(eval_folder, clip_ch
                             env=dict(os.environ, HOME=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert "cloob checkpoint, clip, clip tokenizer" in result.stderr
-    assert "label: top-1" in result.stdout and "per-class top-1, worst first" in result.stdout
-    r = json.loads(out.read_text())
+    assert "images: top-1" in result.stdout and "per-class top-1, worst first" in result.stdout
+    r = json.loads(out.read_text())["images"]
     assert r["n"] == 21 and set(r["per_class"]) == {"an x", "a circle", "a box"} and 0 <= r["top1"] <= r["top5"] <= 1
 
 
@@ -1769,6 +1769,7 @@ def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys):
     r = zeroshot.main(["--model", str(eval_folder / "run"), "--data", str(nested), "--workers", "0", "--templates",
                        str(tmp_path / "t.txt")])
     assert "per-class top-1, worst first" in capsys.readouterr().out
+    r = r["nested"]  # the task is named after the folder
     assert r["n"] == 14 and r["skipped"] == 1 and r["per_class"]["empty class"] is None  # images at any depth
     with pytest.raises(SystemExit):
         zeroshot.main(["--model", str(eval_folder / "run"), "--image", "x.png", "--labels", ",, ,"])

@@ -5,7 +5,6 @@
 --batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch.
 SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpoint is saved, the run stops."""
 import argparse
-import collections
 import gc
 import json
 import math
@@ -17,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, replace
 from functools import partial
 
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.benchmark
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.data import DataLoader
 
 import cloob
 import data
@@ -76,11 +77,13 @@ def parse_args(argv=None):
     a("--accum-steps", type=COUNT, default=1, help="exact gradient caching over K micro-batches: less memory")
     a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
     a("--sync-bn", action="store_true", help="ResNets: BatchNorm over the global batch (world-size invariance)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with CUDA)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+      help="torch.compile the model (default: on with CUDA)")
     a("--steps", type=COUNT, help="optimizer steps (default: from --epochs; 1000 on synthetic data; 20 with --bench)")
     a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
     a("--seed", type=int, default=0)
-    a("--precision", choices=["fp32", "bf16", "fp16"], help="default bf16 on GPU, fp32 on CPU")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default="bf16" if torch.cuda.is_available() else "fp32",
+      help="default bf16 on GPU, fp32 on CPU")
     a("--logs-dir", default="logs", help="runs go to LOGS_DIR/NAME (not --logs: torchrun takes that one)")
     a("--name", help="run name (default: method-model-time)")
     a("--save-every", type=COUNT, default=1000, help="steps between checkpoints (and one at the end)")
@@ -96,8 +99,6 @@ def parse_args(argv=None):
     for key, value in (DEMO if synthetic else RECIPE).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
-    args.compile = torch.cuda.is_available() if args.compile is None else args.compile
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not (synthetic or tar or args.train_data.endswith((".csv", ".tsv"))):
         p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar/.tar.gz shards")
@@ -158,10 +159,10 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     if isinstance(dataset, data.TarShards):
         dataset.start = start
         epoch = data.steps_per_epoch(args.train_num_samples, args.batch_size * world)
-        return iter(torch.utils.data.DataLoader(dataset, **kw)), epoch
+        return iter(DataLoader(dataset, **kw)), epoch
     batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
     sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start, args.accum_steps)
-    return iter(torch.utils.data.DataLoader(batches, sampler=sampler, **kw)), sampler.steps_per_epoch
+    return iter(DataLoader(batches, sampler=sampler, **kw)), sampler.steps_per_epoch
 
 
 def _tokenize(tokenizer, batch):  # in the loader workers
@@ -268,19 +269,6 @@ def open_run_dir(args, run_dir, start, total):
         (run_dir / "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
     except OSError as e:
         raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
-
-
-def zeroshot_tasks(args, resolution):
-    """-> (zero-shot tasks, this rank's batches of their images), or None: --zeroshot-data (named after the folder, as
-    zeroshot.py classifies a folder by default) or, on synthetic data, the held-out benchmark; evaluated at
-    zeroshot.py's batch size (no gradients: small next to training's)."""
-    if args.zeroshot_data:
-        folder = data.ImageFolder(args.zeroshot_data, task=os.path.basename(os.path.normpath(args.zeroshot_data)))
-        return {folder.task: zeroshot.class_task(folder)}, zeroshot.loader(folder, resolution, workers=args.workers)
-    if args.train_data == "synthetic":
-        tasks, images, labels = zeroshot.synthetic_benchmark(resolution, seed=args.seed)
-        return tasks, zeroshot.tensor_batches(images, labels)
-    return None
 
 
 def print0(rank, line, run_dir=None, event=None):
@@ -458,14 +446,17 @@ def train(args, rank, world, device):
     if start >= total:  # a requeued job whose run has finished is not a failure
         print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    tasks = zeroshot_tasks(args, model.config.image_resolution)
+    tasks = None  # --zeroshot-data, or on synthetic data the held-out set: at zeroshot.py's batch size
+    if args.zeroshot_data or args.train_data == "synthetic":
+        where = args.zeroshot_data or "synthetic"
+        tasks = zeroshot.benchmark(where, model.config.image_resolution, workers=args.workers, seed=args.seed)[:2]
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
     # losses, stop signals and skip counts are reduced over a CPU group: no device sync in the loop
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
-    skipped, t0, waiting = collections.Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
+    skipped, t0, waiting = Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
     streak = nonfinite = torch.zeros((), device=device)  # steps not taken: in a row, in all
     for step in range(start, total):
         lr = get_lr(step, args, total)

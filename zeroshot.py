@@ -16,10 +16,10 @@ import time
 from collections import Counter
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 
 import cloob
 import data
@@ -59,7 +59,7 @@ def classifier(model, tokenizer, classnames, templates, device="cpu", batch_size
 def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_size=256):
     """Zero-shot classification. tasks: {name: (classnames, templates)}; batches: iterable of (images [B, 3, R, R],
     captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
-    tensor_batches(). Under torch.distributed each rank passes its own share of the images and all get the
+    benchmark(). Under torch.distributed each rank passes its own share of the images and all get the
     totals. With `total` images, a progress line (images/s, ETA) goes to stderr every 10 s.
     -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
     weights = {name: classifier(model, tokenizer, *task, device, batch_size) for name, task in tasks.items()}
@@ -112,20 +112,23 @@ def _all_ranks(part):
     return parts
 
 
-def tensor_batches(images, labels, batch_size=256):
-    """This rank's batches of preprocessed images [N, 3, R, R] with labels {name: [N]}, for evaluate()."""
-    part = _shard(len(images))
-    images, labels = images[part], {k: v[part] for k, v in labels.items()}
-    return [(images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, Counter())
-            for i in range(0, len(images), batch_size)]
-
-
-def synthetic_benchmark(resolution, n=500, seed=0):
-    """The built-in benchmark: n images of the held-out shape/colour/position triples and its zero-shot tasks.
-    -> (tasks, images [n, 3, R, R], labels {task: [n]})."""
-    pixels, _, labels = data.Synthetic(n, resolution, split="heldout", seed=seed).render(range(n))
-    images = data.normalize(data.channels_first(pixels))  # [n, 3, R, R]
-    return dict(data.ZEROSHOT_TASKS), images, {k: torch.from_numpy(v) for k, v in labels.items()}
+def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, templates=None, seed=0):
+    """-> (tasks, this rank's batches of their images, all ranks' number of images), for evaluate(). `where`: an
+    image folder (one task, named after the folder: its classes, as class_task says), or "synthetic": the built-in
+    benchmark, 500 images of the held-out shape/colour/position triples with their shape and colour tasks."""
+    if where != "synthetic":
+        folder = data.ImageFolder(where)
+        tasks = {folder.task: class_task(folder, classnames, templates)}
+        return tasks, loader(folder, resolution, batch_size, workers), len(folder)
+    if classnames or templates:
+        raise ValueError("--data synthetic has its own class names and templates")
+    pixels, _, labels = data.Synthetic(500, resolution, split="heldout", seed=seed).render(range(500))
+    part = _shard(500)
+    images = data.normalize(data.channels_first(pixels[part]))  # [n, 3, R, R]
+    labels = {k: torch.from_numpy(v[part]) for k, v in labels.items()}
+    batches = [(images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, Counter())
+               for i in range(0, len(images), batch_size)]
+    return dict(data.ZEROSHOT_TASKS), batches, 500
 
 
 def _load_batch(resolution, items):
@@ -148,8 +151,8 @@ def _load_batch(resolution, items):
 def loader(dataset, resolution, batch_size=256, workers=2):
     """Batches of a folder or CSV dataset (this rank's share), as _load_batch makes them, read by `workers`
     processes."""
-    part = torch.utils.data.Subset(dataset, range(len(dataset))[_shard(len(dataset))])
-    return torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers,
+    part = Subset(dataset, range(len(dataset))[_shard(len(dataset))])
+    return DataLoader(part, batch_size=batch_size, num_workers=workers,
                                        collate_fn=partial(_load_batch, resolution), pin_memory=torch.cuda.is_available())
 
 # ---------------------------------------------------------------------------------------------------- retrieval
@@ -176,26 +179,26 @@ def retrieval(args, model, tokenizer, device):
     """--retrieval: each image of a CSV read and encoded once (rows naming one file share it), each caption of a usable
     image encoded, then recall@k both ways. Under torch.distributed images and captions are split over the ranks."""
     dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    captioned = np.array([i for i, (_, caption) in enumerate(dataset.rows) if (caption or "").strip()], dtype=int)
-    first = np.unique(dataset.image_ids[captioned], return_index=True)[1]  # a captioned row of each image
-    x, ids, skipped = [torch.zeros(0, model.config.embed_dim)], [torch.zeros(0, dtype=torch.long)], Counter()
-    images = [dataset[i] for i in captioned[first]]
-    for batch, _, labels, batch_skipped in loader(images, model.config.image_resolution, args.batch_size, args.workers):
-        x.append(image_features(model, batch, device).cpu())  # [B, D]
-        ids.append(labels["image"])
+    captioned = [i for i, (_, caption) in enumerate(dataset.rows) if (caption or "").strip()]
+    images = {dataset.image_ids[i]: dataset[i] for i in captioned}  # one row of each captioned image file
+    features, skipped = {}, Counter()  # image id -> [D]
+    for batch, _, labels, batch_skipped in loader(list(images.values()), model.config.image_resolution,
+                                                  args.batch_size, args.workers):
+        features.update(zip(labels["image"].tolist(), image_features(model, batch, device).cpu()))
         skipped += batch_skipped
-    parts = _all_ranks((torch.cat(x), torch.cat(ids), skipped))
-    x, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [M, D] features, their image ids
-    skipped = sum((p[2] for p in parts), Counter("missing caption" if c is None else "empty caption"
-                                                 for _, c in dataset.rows if not (c or "").strip()))
+    parts = _all_ranks((features, skipped))
+    features = {image: x for part, _ in parts for image, x in part.items()}
+    skipped = sum((part for _, part in parts), Counter("missing caption" if c is None else "empty caption"
+                                                       for _, c in dataset.rows if not (c or "").strip()))
     note = f"; skipped {dict(skipped)}" if skipped else ""
-    if not len(ids):
+    if not features:
         raise ValueError(f"{args.retrieval}: no usable image{note}")
-    row_of = torch.full((len(dataset),), -1).index_copy_(0, ids, torch.arange(len(ids)))  # image id -> row of x
-    text_image = row_of[dataset.image_ids[captioned]]  # -1: the image is unusable
-    captions = [dataset.rows[i][1] for i in captioned[text_image.numpy() >= 0]]
-    y = torch.cat(_all_ranks(text_features(model, tokenizer, captions[_shard(len(captions))], device)))
-    r = dict(retrieval_recall(x, y, text_image[text_image >= 0]), skipped=dict(skipped))
+    column = {image: n for n, image in enumerate(features)}  # image id -> row of x
+    rows = [i for i in captioned if dataset.image_ids[i] in column]  # the captions of usable images
+    mine = [dataset.rows[i][1] for i in rows][_shard(len(rows))]
+    y = torch.cat(_all_ranks(text_features(model, tokenizer, mine, device)))  # [N, D]
+    text_image = torch.tensor([column[dataset.image_ids[i]] for i in rows])
+    r = dict(retrieval_recall(torch.stack(list(features.values())), y, text_image), skipped=dict(skipped))
     print(f"{r['images']} images, {r['captions']} captions: " +
           "  ".join(f"{k} {v:.2%}" for k, v in r.items() if "R@" in k) + note)
     return r
@@ -268,15 +271,8 @@ def classify_images(args, model, tokenizer, device):
 
 
 def classify_folder(args, model, tokenizer, device):
-    if args.data == "synthetic":  # the built-in held-out benchmark
-        if args.templates or args.classnames:
-            raise ValueError("--data synthetic has its own class names and templates")
-        tasks, images, labels = synthetic_benchmark(model.config.image_resolution)
-        batches, n = tensor_batches(images, labels, args.batch_size), len(images)
-    else:
-        folder = data.ImageFolder(args.data)
-        tasks = {"label": class_task(folder, args.classnames, args.templates)}
-        batches, n = loader(folder, model.config.image_resolution, args.batch_size, args.workers), len(folder)
+    tasks, batches, n = benchmark(args.data, model.config.image_resolution, args.batch_size, args.workers,
+                                  args.classnames, args.templates)
     t0 = time.time()
     results = evaluate(model, tokenizer, tasks, batches, device, n, args.batch_size)
     for name, r in results.items():
@@ -285,13 +281,12 @@ def classify_folder(args, model, tokenizer, device):
               f"images/s" + (f"; {r['skipped']} unreadable, skipped)" if r["skipped"] else ")"))
         worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)
         print("  per-class top-1, worst first: " + ", ".join(f"{c} {v:.0%}" for v, c in worst[:20]))
-    return results["label"] if list(results) == ["label"] else results
+    return results
 
 
 def class_task(folder, classnames=None, templates=None):
     """(class names, templates) of an image folder: folder names with _ -> space, or --classnames FILE (one name per
-    line, in sorted-folder order); CLIP's 7-template ensemble unless --templates says otherwise. train.py's
-    --zeroshot-data uses the defaults."""
+    line, in sorted-folder order); CLIP's 7-template ensemble unless --templates says otherwise."""
     names = [c.replace("_", " ") for c in folder.classes]
     if classnames:
         names = read_lines(classnames)
