@@ -48,25 +48,18 @@ class ModelConfig:
     vision_heads: int | None = None  # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
 
 
-def _preset(embed, res, layers, width, patch, text_width, text_heads=None, **kw):
-    return ModelConfig(embed, res, layers, width, patch, transformer_width=text_width,
-                       transformer_heads=text_heads or text_width // 64, **kw)
-
-
-# OpenAI's published shapes; two tiny ones for CPU work (byte tokenizer: 256 + start + end; exact GELU, cheaper than
-# QuickGELU on a CPU)
+# OpenAI's published shapes (the defaults are ViT-B/32's); two tiny ones for CPU work: the byte tokenizer (256 ids +
+# start + end), exact GELU (cheaper than QuickGELU on a CPU)
 CONFIGS = {
-    "RN50": _preset(1024, 224, (3, 4, 6, 3), 64, None, 512),
-    "RN101": _preset(512, 224, (3, 4, 23, 3), 64, None, 512),
-    "RN50x4": _preset(640, 288, (4, 6, 10, 6), 80, None, 640),
-    "RN50x16": _preset(768, 384, (6, 8, 18, 8), 96, None, 768),
-    "ViT-B-32": _preset(512, 224, 12, 768, 32, 512),
-    "ViT-B-16": _preset(512, 224, 12, 768, 16, 512),
-    "ViT-L-14": _preset(768, 224, 24, 1024, 14, 768),
-    "tiny-vit": _preset(64, 32, 3, 128, 8, 64, 2, context_length=48, vocab_size=258, transformer_layers=2,
-                        quick_gelu=False),
-    "tiny-rn": _preset(64, 64, (1, 1, 1, 1), 16, None, 128, 2, context_length=48, vocab_size=258,
-                       transformer_layers=3, quick_gelu=False),
+    "RN50": ModelConfig(1024, 224, (3, 4, 6, 3), 64, None),
+    "RN101": ModelConfig(512, 224, (3, 4, 23, 3), 64, None),
+    "RN50x4": ModelConfig(640, 288, (4, 6, 10, 6), 80, None, transformer_width=640, transformer_heads=10),
+    "RN50x16": ModelConfig(768, 384, (6, 8, 18, 8), 96, None, transformer_width=768, transformer_heads=12),
+    "ViT-B-32": ModelConfig(),
+    "ViT-B-16": ModelConfig(vision_patch_size=16),
+    "ViT-L-14": ModelConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
+    "tiny-vit": ModelConfig(64, 32, 3, 128, 8, 48, 258, 64, 2, 2, quick_gelu=False),
+    "tiny-rn": ModelConfig(64, 64, (1, 1, 1, 1), 16, None, 48, 258, 128, 2, 3, quick_gelu=False),
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,13 +410,13 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        out = x.new_empty(dist.get_world_size() * x.shape[0], *x.shape[1:])
+        out = x.new_empty(dist.get_world_size() * len(x), *x.shape[1:])
         dist.all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        out = grad.new_empty(grad.shape[0] // dist.get_world_size(), *grad.shape[1:])
+        out = grad.new_empty(len(grad) // dist.get_world_size(), *grad.shape[1:])
         dist.reduce_scatter_single(out, grad.contiguous())
         return out
 
@@ -451,7 +444,7 @@ def gather(x):
     A contrastive loss needs at least 2 rows in all."""
     offset = 0
     if _distributed():
-        x, offset = _AllGather.apply(x), dist.get_rank() * x.shape[0]
+        x, offset = _AllGather.apply(x), dist.get_rank() * len(x)
     if x.shape[0] < 2:
         raise ValueError(f"contrastive loss needs a global batch of at least 2 samples, got {x.shape[0]}")
     return x, offset

@@ -79,7 +79,7 @@ def random_resized_crop(image, resolution, rng):
     if reduce > 1 and image.format == "JPEG":
         image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))  # any size at least this
     sx, sy = image.size[0] / width, image.size[1] / height
-    box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    box = [v * s for v, s in zip(box, (sx, sy, sx, sy))]
     return channels_first(to_rgb(image.resize((resolution, resolution), Image.BICUBIC, box=box)))
 
 # ---------------------------------------------------------------------------------------------------- synthetic

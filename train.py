@@ -232,10 +232,9 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
         if differ:
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (a new run: --pretrained)")
         model.load_state_dict(ckpt["state_dict"])
-        settings = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]  # this run's
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group, setting in zip(optimizer.param_groups, settings):
-            group.update(setting)
+        for group, wd in zip(optimizer.param_groups, (args.wd, 0.0)):  # this run's settings, in prepare's groups
+            group.update(weight_decay=wd, betas=(0.9, args.beta2), eps=args.eps)
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
             scaler.load_state_dict(ckpt["scaler"])
         changed = [f"; {k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
@@ -275,9 +274,9 @@ def print0(rank, line, run_dir=None, event=None):
     """Rank 0 prints the line and appends the event to the run's metrics.jsonl."""
     if rank == 0:
         print(line, flush=True)
-    if rank == 0 and event:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(event) + "\n")
+        if event:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(event) + "\n")
 
 # ---------------------------------------------------------------------------------------------------- the step
 

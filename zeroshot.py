@@ -145,7 +145,7 @@ def _load_batch(resolution, items):
         captions.append(caption)
         labels.append(item[2])
     images = torch.stack(images) if images else torch.empty(0, 3, resolution, resolution)
-    return images, captions, {k: torch.tensor([x[k] for x in labels], dtype=torch.long) for k in items[0][2]}, skipped
+    return images, captions, {k: torch.tensor([x[k] for x in labels]) for k in items[0][2]}, skipped
 
 
 def loader(dataset, resolution, batch_size=256, workers=2):
