@@ -261,9 +261,9 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)  # OpenAI's: the block starts as the identity
         self.downsample = None
         if stride > 1 or inplanes != planes * 4:  # "-1" keeps OpenAI's key names downsample.0 / downsample.1
-            self.downsample = nn.Sequential(OrderedDict([("-1", nn.AvgPool2d(stride)),
-                                                         ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
-                                                         ("1", nn.BatchNorm2d(planes * 4))]))
+            self.downsample = nn.Sequential(OrderedDict({"-1": nn.AvgPool2d(stride),
+                                                         "0": nn.Conv2d(inplanes, planes * 4, 1, bias=False),
+                                                         "1": nn.BatchNorm2d(planes * 4)}))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -310,8 +310,9 @@ class ModifiedResNet(nn.Module):
         self.attnpool = AttentionPool2d(resolution // 32, width * 32, heads, output_dim)
 
     def forward(self, x):  # x [B, 3, R, R]
-        for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
-            x = F.relu(bn(conv(x)))
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
         x = _run_blocks(self, [*self.layer1, *self.layer2, *self.layer3, *self.layer4], self.avgpool(x))
         return self.attnpool(x)  # [B, output_dim]
 
@@ -381,9 +382,8 @@ class CLIP(nn.Module):
 def _full_precision(fn):
     @functools.wraps(fn)
     def wrapper(*args):
-        device = next(a for a in args if torch.is_tensor(a)).device
         args = [a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a for a in args]
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(args[0].device.type, enabled=False):  # the first argument: features
             return fn(*args)
     return wrapper
 

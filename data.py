@@ -207,27 +207,25 @@ class CsvCaptions(Dataset):
             problem = f"no column {missing[0]!r}" if missing else f"a column named twice ({columns})"
             raise ValueError(f"{path}: {problem} (columns: {columns}); "
                              f"set --csv-img-key / --csv-caption-key / --csv-separator")
-        self.rows = []
+        self.rows, root = [], os.path.dirname(os.path.abspath(path))
         for row in reader:
             image, caption = row[img_key], row[caption_key]  # None where a short row lacks the field
             if "\n" in f"{image}{caption}" or "\r" in f"{image}{caption}":
                 raise ValueError(f"{path}, line {reader.line_num}: a field runs over several lines (no end quote?)")
+            if image is not None:  # relative to the file's folder
+                image = os.path.join(root, image)
             self.rows.append((image, caption))
         if not self.rows:
             raise ValueError(f"{path}: the dataset is empty")
-        self.root = os.path.dirname(os.path.abspath(path))
         # rows that name one image file, however the path is spelled, share its id (several captions per image)
-        files = [os.path.realpath(os.path.join(self.root, image or "")) for image, _ in self.rows]
+        files = [os.path.realpath(image) if image else "" for image, _ in self.rows]
         self.image_ids = np.unique(files, return_inverse=True)[1].tolist()
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, idx):
-        path, caption = self.rows[idx]
-        if path is not None:  # relative to the file's folder
-            path = os.path.join(self.root, path)
-        return path, caption, {"image": self.image_ids[idx]}
+        return *self.rows[idx], {"image": self.image_ids[idx]}
 
 
 class ImageFolder(Dataset):

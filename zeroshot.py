@@ -63,32 +63,29 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", total=None, batch_s
     totals. With `total` images, a progress line (images/s, ETA) goes to stderr every 10 s.
     -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
     weights = {name: classifier(model, tokenizer, *task, device, batch_size) for name, task in tasks.items()}
-    # per task and class: top-1 hits, top-5 hits, images; and the images left out
-    counts = {name: torch.zeros(3, len(task[0]), dtype=torch.float64, device=device) for name, task in tasks.items()}
-    skipped, done, start, shown = torch.zeros((), dtype=torch.float64, device=device), 0, time.time(), 0.0
+    counts = {name: torch.zeros(3, len(task[0])) for name, task in tasks.items()}  # top-1 hits, top-5 hits, images
+    skipped, done, start, shown = 0, 0, time.time(), 0.0  # shown: seconds from the start to the last progress line
     for images, _, labels, batch_skipped in batches:
         skipped += sum(batch_skipped.values())
         done, elapsed = done + len(images) + sum(batch_skipped.values()), time.time() - start
-        if total and elapsed - shown > 10 and done < total:  # shown: when the last progress line was
+        if total and elapsed - shown > 10 and done < total:
             shown, rate = elapsed, done / elapsed
             print(f"  {done}/{total} images, {rate:.0f} images/s, eta {(total - done) / rate:.0f} s", file=sys.stderr)
         if not len(images):
             continue
         features = image_features(model, images, device)  # [B, D]
         for name, w in weights.items():
-            y, scores = labels[name].to(device), features @ w  # [B], [B, C]
+            y, scores = labels[name], (features @ w).cpu()  # [B], [B, C]
             rank = (scores > scores.gather(1, y[:, None])).sum(dim=1)  # classes scoring above the true one
-            counts[name].index_add_(1, y, torch.stack([rank < 1, rank < 5, torch.ones_like(y, dtype=bool)]).double())
-    if cloob._distributed():
-        for t in [skipped, *counts.values()]:
-            dist.all_reduce(t)
+            counts[name].index_add_(1, y, torch.stack([rank < 1, rank < 5, torch.ones_like(y, dtype=bool)]).float())
+    parts = _all_ranks((counts, skipped))  # every rank's counts, summed
     results = {}
     for name, (classnames, _) in tasks.items():
-        top1, top5, seen = counts[name].cpu()  # [C] each
+        top1, top5, seen = sum(part[name] for part, _ in parts)  # [C] each
         per_class = {c: (top1[i] / seen[i]).item() if seen[i] else None for i, c in enumerate(classnames)}
         n = int(seen.sum())
         results[name] = dict(top1=top1.sum().item() / max(n, 1), top5=top5.sum().item() / max(n, 1), n=n,
-                             skipped=int(skipped), per_class=per_class)
+                             skipped=sum(s for _, s in parts), per_class=per_class)
     return results
 
 # ---------------------------------------------------------------------------------------------------- data
