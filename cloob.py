@@ -36,7 +36,8 @@ class ModelConfig:
     """Field names are the arguments of OpenAI's `CLIP(...)`. The end-of-text id is vocab_size-1."""
     embed_dim: int = 512
     image_resolution: int = 224
-    vision_layers: int | tuple = 12  # an int: a ViT's blocks; 4 numbers: a ResNet's blocks per stage
+    # an int: a ViT's blocks; 4 numbers: a ResNet's blocks per stage
+    vision_layers: int | tuple = 12
     vision_width: int = 768
     vision_patch_size: int | None = 32
     context_length: int = 77
@@ -44,17 +45,16 @@ class ModelConfig:
     transformer_width: int = 512
     transformer_heads: int = 8
     transformer_layers: int = 12
-    quick_gelu: bool = True  # x * sigmoid(1.702 x), as every OpenAI and CLOOB checkpoint; False: exact GELU
-    vision_heads: int | None = None  # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
+    # x * sigmoid(1.702 x), as every OpenAI and CLOOB checkpoint; False: exact GELU
+    quick_gelu: bool = True
+    # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
+    vision_heads: int | None = None
 
 
 # OpenAI's published shapes (the defaults are ViT-B/32's); two tiny ones for CPU work: the byte tokenizer (256 ids +
 # start + end), exact GELU (cheaper than QuickGELU on a CPU)
 CONFIGS = {
     "RN50": ModelConfig(1024, 224, (3, 4, 6, 3), 64, None),
-    "RN101": ModelConfig(512, 224, (3, 4, 23, 3), 64, None),
-    "RN50x4": ModelConfig(640, 288, (4, 6, 10, 6), 80, None, transformer_width=640, transformer_heads=10),
-    "RN50x16": ModelConfig(768, 384, (6, 8, 18, 8), 96, None, transformer_width=768, transformer_heads=12),
     "ViT-B-32": ModelConfig(),
     "ViT-B-16": ModelConfig(vision_patch_size=16),
     "ViT-L-14": ModelConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
@@ -65,25 +65,32 @@ CONFIGS = {
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: OpenAI's CLIP BPE on tiktoken, or raw bytes
 
-BPE_PATH = pathlib.Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")  # OpenAI's, MIT licence
+# OpenAI's, MIT licence
+BPE_PATH = pathlib.Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")
 
 # OpenAI's tokenizer first runs ftfy.fix_text. Its character-level fixes are reproduced here (its mojibake repair,
 # fix_encoding, is not): one translate table for C1 controls (read as Windows-1252), Latin ligatures, full- and
 # half-width forms and curly quotes; then terminal escapes and other control characters go.
 _C1 = range(0x80, 0xA0)
+_LIGATURES = "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬆ"  # ftfy's, and ﬅ (long s, t): "ſt"
+_WIDTH_FORMS = [chr(c) for c in range(0xFF01, 0xFFF0)]  # full-width ASCII, half-width CJK forms
 _FTFY_CHARS = {
     **{c: char for c, char in zip(_C1, bytes(_C1).decode("cp1252", "replace")) if char != "\ufffd"},
-    **dict(zip(map(ord, "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬅﬆ"), "IJ ij ʼn DZ Dz dz DŽ Dž dž LJ Lj lj NJ Nj nj ff fi fl ffi ffl ſt st".split())),
-    **{c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)}, 0x3000: " ",
-    **dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'"), **dict.fromkeys(range(0x201C, 0x2020), '"'),
+    **{ord(c): unicodedata.normalize("NFKC", c) for c in [*_LIGATURES, *_WIDTH_FORMS]},
+    ord("ﬅ"): "ſt",
+    0x3000: " ",  # the ideographic space
+    **dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'"),
+    **dict.fromkeys(range(0x201C, 0x2020), '"'),
 }
-_CONTROL_CHARS = dict.fromkeys([*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)])
+# C0 controls but tab, line breaks and form feed; DEL; deprecated format characters; byte-order mark; annotations
+_CONTROL_CHARS = dict.fromkeys([*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
+                                *range(0xFFF9, 0xFFFD)])
 _ANSI_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
 _HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
 # ftfy's entities: HTML5's that end in ";", and the upper-case spelling of a lower-case one that means nothing else
 _ENTITIES = {"&" + name: char for name, char in html.entities.html5.items() if name.endswith(";")}
-_ENTITIES.update({"&" + name.upper(): char.upper() for name, char in html.entities.html5.items()
-                  if name.endswith(";") and name == name.lower() and html.unescape("&" + name.upper()) == "&" + name.upper()})
+_ENTITIES.update({name.upper(): char.upper() for name, char in _ENTITIES.items()
+                  if name == name.lower() and html.unescape(name.upper()) == name.upper()})
 
 
 def _unescape(match):
@@ -95,15 +102,16 @@ def _unescape(match):
     return char if entity.startswith("&#") and ";" not in char else entity
 
 
-def _ftfy(text, unescape_html=True):
+def _ftfy(text, entities=True):
     """ftfy.fix_text's fixes in its order (line breaks left out: whitespace is collapsed later), until none changes
     anything."""
     while True:
         before = text
-        if unescape_html:
+        if entities:  # HTML's
             text = _HTML_ENTITY.sub(_unescape, text)
         text = text.translate(_FTFY_CHARS)
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # surrogate pairs joined, others: �
+        # surrogate pairs joined, others: �
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         text = unicodedata.normalize("NFC", _ANSI_ESCAPE.sub("", text).translate(_CONTROL_CHARS))
         if text == before:
             return text
@@ -111,7 +119,8 @@ def _ftfy(text, unescape_html=True):
 
 def _bytes_to_unicode():
     """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
-    printable = [b for b in range(256) if chr(b).isprintable() and b != 32]  # "!".."~", "¡".."¬", "®".."ÿ"
+    # "!".."~", "¡".."¬", "®".."ÿ"
+    printable = [b for b in range(256) if chr(b).isprintable() and b != 32]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
@@ -137,34 +146,35 @@ class Tokenizer:
     """Text -> LongTensor [B, context_length]: start id, token ids, end id, zero padding. Too-long text is cut,
     keeping the end id in the last slot (the text tower pools there). Start and end are the last two ids.
       "clip":  OpenAI's CLIP BPE, token-for-token (49408 ids, start 49406, end 49407), from the merges file shipped
-               beside this file (bpe_path= names another);
+               beside this file (BPE_PATH);
       "bytes": UTF-8 bytes (256 ids + start + end), needs no file."""
 
-    def __init__(self, encoding="clip", context_length=77, bpe_path=BPE_PATH):
+    def __init__(self, encoding="clip", context_length=77):
         import regex  # installed with tiktoken
         if encoding not in ("clip", "bytes"):
             raise ValueError(f"tokenizer {encoding!r}: expected clip or bytes")
-        if encoding == "clip" and not os.path.isfile(bpe_path):
-            raise FileNotFoundError(f"CLIP BPE merges file not found: {bpe_path}")
+        if encoding == "clip" and not BPE_PATH.is_file():
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {BPE_PATH}")
         self.name, self.context_length = encoding, context_length
-        self.enc = _clip_encoding(bpe_path) if encoding == "clip" else None
+        self.enc = _clip_encoding(BPE_PATH) if encoding == "clip" else None
         self.vocab_size = 49408 if self.enc else 258
         self.sot, self.eot = self.vocab_size - 2, self.vocab_size - 1
-        self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-                                    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|"""
+                                    r"""'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
     def _prepare(self, text):
         """OpenAI's cleaning and pre-split: ftfy (which, line by line, stops unescaping HTML at the first line holding
         a "<"), html.unescape twice, whitespace collapsed, lower case; CLIP's regex words, each followed by a space."""
         cut = text.rfind("\n", 0, text.find("<")) + 1 if "<" in text else len(text)
-        text = html.unescape(html.unescape(_ftfy(text[:cut]) + _ftfy(text[cut:], unescape_html=False)))
+        text = html.unescape(html.unescape(_ftfy(text[:cut]) + _ftfy(text[cut:], entities=False)))
         return "".join(w + " " for w in self._words.findall(" ".join(text.split()).lower()))
 
     def encode(self, text):
         """str -> list of ids, without start and end."""
         if self.enc is None:
             return list(text.encode("utf-8"))
-        return self.enc.encode(self._prepare(text), allowed_special="all")  # CLIP's special tokens honoured, as OpenAI
+        # CLIP's special tokens honoured, as OpenAI
+        return self.enc.encode(self._prepare(text), allowed_special="all")
 
     def __call__(self, texts):
         """list of str (or one str) -> LongTensor [B, L], L <= context_length: the columns after the longest row's end
@@ -174,7 +184,7 @@ class Tokenizer:
         texts = [texts] if isinstance(texts, str) else texts
         ids = [self.encode(text)[:self.context_length - 2] for text in texts]
         longest = max(map(len, ids), default=0) + 2  # with start and end
-        out = np.zeros((len(texts), min(self.context_length, math.ceil(longest / 8) * 8)), dtype=np.int64)
+        out = np.zeros((len(texts), min(self.context_length, math.ceil(longest / 8) * 8)), np.int64)
         for row, row_ids in zip(out, ids):
             row[:len(row_ids) + 2] = [self.sot, *row_ids, self.eot]
         return torch.from_numpy(out)
@@ -200,7 +210,8 @@ class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads, quick_gelu=True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn, self.heads = nn.MultiheadAttention(width, heads), heads  # OpenAI's parameters, computed with SDPA
+        # OpenAI's parameters, computed with SDPA
+        self.attn, self.heads = nn.MultiheadAttention(width, heads), heads
         self.ln_2 = nn.LayerNorm(width)
         gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
@@ -209,10 +220,13 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, mask=None, causal=False, rows=slice(None)):
         """x [B, L, D] -> x[rows] after the block: only the queries at `rows` are computed. mask [B, 1, 1, L]: True
         where a query may look; causal: each position sees those up to its own (SDPA's fast kernel)."""
-        q, k, v = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q[rows], k, v))  # [B, heads, L, D/heads]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).transpose(1, 2)
-        x = x[rows] + self.attn.out_proj(out.flatten(2))
+        qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)  # [B, L, 3D]
+        q, k, v = qkv.chunk(3, dim=-1)
+        # [B, heads, L, D/heads]
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q[rows], k, v))
+        # [B, heads, L, D/heads]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        x = x[rows] + self.attn.out_proj(out.transpose(1, 2).flatten(2))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -228,7 +242,8 @@ class Transformer(nn.Module):
         x = _run_blocks(self, self.resblocks[:-1], x, None, causal)
         positions = torch.arange(x.shape[1], device=x.device)
         mask = (positions <= pool[:, None])[:, None, None] if causal else None  # [B, 1, 1, L]
-        return _run_blocks(self, self.resblocks[-1:], x, mask, False, (torch.arange(len(x), device=x.device), pool, None))
+        rows = (torch.arange(len(x), device=x.device), pool, None)  # x[rows]: [B, 1, D]
+        return _run_blocks(self, self.resblocks[-1:], x, mask, False, rows)
 
 
 class VisionTransformer(nn.Module):
@@ -245,8 +260,10 @@ class VisionTransformer(nn.Module):
     def forward(self, x):  # x [B, 3, R, R]
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid², width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))  # [B, grid²+1, width]
-        return self.ln_post(self.transformer(x, 0)[:, 0]) @ self.proj  # the class token -> [B, output_dim]
+        # [B, grid²+1, width]
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        # the class token -> [B, output_dim]
+        return self.ln_post(self.transformer(x, 0)[:, 0]) @ self.proj
 
 
 class Bottleneck(nn.Module):
@@ -255,14 +272,17 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
         nn.init.zeros_(self.bn3.weight)  # OpenAI's: the block starts as the identity
         self.downsample = None
-        if stride > 1 or inplanes != planes * 4:  # "-1" keeps OpenAI's key names downsample.0 / downsample.1
-            self.downsample = nn.Sequential(OrderedDict({"-1": nn.AvgPool2d(stride),
-                                                         "0": nn.Conv2d(inplanes, planes * 4, 1, bias=False),
+        # "-1" keeps OpenAI's key names downsample.0 / downsample.1
+        if stride > 1 or inplanes != planes * 4:
+            conv = nn.Conv2d(inplanes, planes * 4, 1, bias=False)
+            self.downsample = nn.Sequential(OrderedDict({"-1": nn.AvgPool2d(stride), "0": conv,
                                                          "1": nn.BatchNorm2d(planes * 4)}))
 
     def forward(self, x):
@@ -280,16 +300,19 @@ class AttentionPool2d(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
         self.c_proj = nn.Linear(embed_dim, output_dim)
-        for linear in [self.q_proj, self.k_proj, self.v_proj, self.c_proj]:  # OpenAI's: 1/sqrt(fan-in)
+        # OpenAI's: 1/sqrt(fan-in)
+        for linear in [self.q_proj, self.k_proj, self.v_proj, self.c_proj]:
             nn.init.normal_(linear.weight, std=embed_dim ** -0.5)
         self.heads = heads
 
     def forward(self, x):
         x = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, HW+1, C]
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, heads, L, C/heads]; q: L = 1
+        # [B, heads, L, C/heads]; q: L = 1
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for t in (self.q_proj(x[:, :1]), self.k_proj(x), self.v_proj(x)))
-        return self.c_proj(F.scaled_dot_product_attention(q, k, v).flatten(1))  # [B, heads, 1, C/heads] -> [B, C]
+        # [B, heads, 1, C/heads] -> [B, C]
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v).flatten(1))
 
 
 class ModifiedResNet(nn.Module):
@@ -364,8 +387,10 @@ class CLIP(nn.Module):
         return self.visual(images)
 
     def encode_text(self, tokens):  # [B, L] -> [B, embed_dim], not normalised; L <= context_length
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # [B, L, width]
-        eot = (tokens == self.config.vocab_size - 1).int().argmax(dim=-1)  # first end token of each row
+        # [B, L, width]
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
+        # first end token of each row
+        eot = (tokens == self.config.vocab_size - 1).int().argmax(dim=-1)
         return self.ln_final(self.transformer(x, eot, causal=True)[:, 0]) @ self.text_projection
 
     def forward(self, images, tokens):
@@ -429,12 +454,15 @@ class SyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x):  # [B, C, H, W]; every rank's batch has the same size (as train.py's)
         if not (self.training and _distributed()):
             return super().forward(x)
-        xf, n = x.to(self.weight.dtype), x.numel() / x.shape[1] * dist.get_world_size()  # n: per channel, all ranks
+        # n: per channel, all ranks
+        xf, n = x.to(self.weight.dtype), x.numel() / x.shape[1] * dist.get_world_size()
         mean = _AllGather.apply(xf.sum((0, 2, 3))[None]).sum(0) / n  # [C]
-        var = _AllGather.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))[None]).sum(0) / n  # two passes
+        # two passes
+        var = _AllGather.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))[None]).sum(0) / n
         self.num_batches_tracked += 1
         self.running_mean.lerp_(mean.detach(), self.momentum)
-        self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm2d
+        # unbiased, as BatchNorm2d
+        self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)  # [C]
         return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
@@ -564,7 +592,8 @@ def _openclip_architecture(cfg, path):
         for key, value in part.items():
             if key not in OPENCLIP_KEYS and not (key in OPENCLIP_VALUES and OPENCLIP_VALUES[key] == value):
                 raise ValueError(f"{path}: OpenCLIP option {key}={value!r} has no equivalent in this model")
-    width = vision.get("width", 768) * (32 if isinstance(vision.get("layers"), list) else 1)  # ResNet: attention pool
+    # ResNet: attention pool
+    width = vision.get("width", 768) * (32 if isinstance(vision.get("layers"), list) else 1)
     return dict(quick_gelu=model_cfg.get("quick_gelu", False), vision_heads=width // vision.get("head_width", 64),
                 transformer_heads=text.get("heads", 8))
 
@@ -630,7 +659,8 @@ def _read(path):
         with warnings.catch_warnings():  # OpenAI's released .pt: TorchScript, float16
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = torch.jit.load(path, map_location="cpu").state_dict()
-        scalars = ("input_resolution", "context_length", "vocab_size")  # the archive's, beside the weights
+        # the archive's, beside the weights
+        scalars = ("input_resolution", "context_length", "vocab_size")
         return {k: v for k, v in sd.items() if k not in scalars}, dict(format="openai-torchscript")
     ckpt = read_file(path)
     if not isinstance(ckpt, dict):
@@ -638,13 +668,15 @@ def _read(path):
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
-    if "config" in ckpt:  # ours; a hand-made file may hold only weights and config (tokenizer: by the vocabulary)
+    # ours; a hand-made file may hold only weights and config (tokenizer: by the vocabulary)
+    if "config" in ckpt:
         config = ModelConfig(**ckpt["config"])
         info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
         return sd, {"tokenizer": "bytes" if config.vocab_size == 258 else "clip", **info, "format": "cloob",
                     "config": config}
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
-    if "transformer.token_embedding.weight" in sd:  # official CLOOB (OpenAI's towers): text under "transformer."
+    # official CLOOB (OpenAI's towers): text under "transformer."
+    if "transformer.token_embedding.weight" in sd:
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
         sd["logit_scale"] = sd.pop("logit_inv_tau")
         beta = sd.pop("logit_scale_hopfield").exp().item() if "logit_scale_hopfield" in sd else 8.0
@@ -677,7 +709,8 @@ def load_model(path, **overrides):
     model = CLIP(config)
     try:
         model.load_state_dict(sd)
-    except RuntimeError as e:  # torch's message: a header, then one line per problem (size mismatch, missing, ...)
+    # torch's message: a header, then one line per problem (size mismatch, missing, ...)
+    except RuntimeError as e:
         problem = str(e).splitlines()[1].strip()[:300]
         raise ValueError(f"{path}: weights do not match the architecture: {problem}") from None
     return model.eval(), dict(info, config=config)
@@ -691,17 +724,10 @@ def tokenizer_for(config, name):
     return tokenizer
 
 
-def unwrap(model):
-    """The plain CLIP inside DDP and/or torch.compile wrappers (save this one: no module./_orig_mod. prefixes)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 def save_checkpoint(path, model, tokenizer, method, inv_tau=None, beta=None, **state):
     """Write our checkpoint atomically (temp file + rename): a plain dict readable with weights_only=True, the weights
-    under "state_dict" as OpenCLIP's loader expects them (open_clip.create_model(..., pretrained=path) reads it)."""
-    model = unwrap(model)
+    under "state_dict" as OpenCLIP's loader expects them (open_clip.create_model(..., pretrained=path) reads it).
+    `model`: the plain CLIP, not its DDP or torch.compile wrapper (whose names have module./_orig_mod. prefixes)."""
     ckpt = dict(state_dict=model.state_dict(), config=asdict(model.config), tokenizer=tokenizer, method=method,
                 inv_tau=inv_tau, beta=beta, **state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -2,6 +2,7 @@
 shards, image folders); loaders for DDP whose global batch does not depend on the number of ranks or workers."""
 import csv
 import io
+import itertools
 import math
 import os
 import pathlib
@@ -14,14 +15,16 @@ from functools import partial
 import numpy as np
 from numpy.random import default_rng
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from PIL import Image
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder
+# torchvision's ImageFolder
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TAR_EXTS = (".tar", ".tar.gz")  # webdataset shards, plain or gzipped
-MEMBER_KINDS = {".txt": "txt", **dict.fromkeys(IMAGE_EXTS, "image")}  # a tar member's extension -> what it holds
+# a tar member's extension -> what it holds
+MEMBER_KINDS = {".txt": "txt", **dict.fromkeys(IMAGE_EXTS, "image")}
 
 
 def channels_first(pixels):
@@ -47,10 +50,12 @@ def to_rgb(image):
 def preprocess(image, resolution):
     """OpenAI's evaluation transform in its order: shorter side to `resolution` (bicubic; Pillow resizes palette images
     with NEAREST and RGBA with premultiplied alpha, as there), centre crop, then RGB, normalise."""
-    w, h = image.size  # as torchvision's Resize(int): the longer side is rounded down; at the size already: a copy
+    # as torchvision's Resize(int): the longer side is rounded down; at the size already: a copy
+    w, h = image.size
     w, h = (resolution, int(resolution * h / w)) if w <= h else (int(resolution * w / h), resolution)
     image = image.resize((w, h), Image.BICUBIC)
-    left, top = round((w - resolution) / 2), round((h - resolution) / 2)  # as torchvision's CenterCrop
+    # as torchvision's CenterCrop
+    left, top = round((w - resolution) / 2), round((h - resolution) / 2)
     return normalize(channels_first(to_rgb(image.crop((left, top, left + resolution, top + resolution)))))
 
 
@@ -77,7 +82,8 @@ def random_resized_crop(image, resolution, rng):
     box = crop_box(width, height, rng)
     reduce = min(box[2] - box[0], box[3] - box[1]) // resolution
     if reduce > 1 and image.format == "JPEG":
-        image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))  # any size at least this
+        # any size at least this
+        image.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
     sx, sy = image.size[0] / width, image.size[1] / height
     box = [v * s for v, s in zip(box, (sx, sy, sx, sy))]
     return channels_first(to_rgb(image.resize((resolution, resolution), Image.BICUBIC, box=box)))
@@ -85,43 +91,48 @@ def random_resized_crop(image, resolution, rng):
 # ---------------------------------------------------------------------------------------------------- synthetic
 
 
-INSIDE = {  # which points (dx, dy) from the centre lie inside each shape of radius r (y grows downwards)
+# which points (dx, dy) from the centre lie inside each shape of radius r (y grows downwards)
+INSIDE = {
     "circle": lambda dx, dy, r: dx ** 2 + dy ** 2 <= r ** 2,
     "square": lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) <= 0.9 * r,
-    "triangle": lambda dx, dy, r: (dy <= 0.6 * r) & (abs(dx) <= (dy + 1.2 * r) * (1.04 / 1.8)),  # equilateral, upright
+    # equilateral, upright
+    "triangle": lambda dx, dy, r: (dy <= 0.6 * r) & (abs(dx) <= (dy + 1.2 * r) * (1.04 / 1.8)),
     "cross": lambda dx, dy, r: (np.minimum(abs(dx), abs(dy)) <= r / 3) & (np.maximum(abs(dx), abs(dy)) <= r),
 }
 SHAPES = tuple(INSIDE)
-COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225), "yellow": (235, 215, 30),
-           "purple": (145, 50, 185)}
+COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225),
+           "yellow": (235, 215, 30), "purple": (145, 50, 185)}
 SIZES = {"small": 0.26, "large": 0.34}  # radius as a fraction of the image side
-POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "middle": (0.5, 0.5)}
+POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7),
+             "middle": (0.5, 0.5)}
 CAPTIONS = ("a {size} {colour} {shape} {where}.", "{colour} {shape}, {size}, {where}",
             "the {shape} {where} is {colour}", "there is a {size} {shape} coloured {colour}",
             "{where}: one {colour} {shape}")
 WHERE = ("on the {}", "at the {}", "in the {}")
 # zero-shot prompts use words no training caption has ("picture", "drawing", "image", "photo", "object", ...); five
 # of them per task (prompt ensembling, as CLIP's) make the accuracy depend less on how one prompt happens to read
-ZEROSHOT_TASKS = {"shape": (SHAPES, ("a picture of a {}.", "a drawing of a {}.", "an image with a {} in it.",
-                                     "a {} drawn in a picture.", "a photo of one {}.")),
-                  "colour": (tuple(COLOURS), ("a picture of a {} object.", "a drawing of something {}.",
-                                              "an image of something {}.", "a {} thing in a picture.",
-                                              "a photo of a {} object."))}
+SHAPE_PROMPTS = ("a picture of a {}.", "a drawing of a {}.", "an image with a {} in it.",
+                 "a {} drawn in a picture.", "a photo of one {}.")
+COLOUR_PROMPTS = ("a picture of a {} object.", "a drawing of something {}.", "an image of something {}.",
+                  "a {} thing in a picture.", "a photo of a {} object.")
+ZEROSHOT_TASKS = {"shape": (SHAPES, SHAPE_PROMPTS), "colour": (tuple(COLOURS), COLOUR_PROMPTS)}
 
 
 def is_heldout(shape, colour, position):
     """20 of the 100 shape/colour/position triples never appear in training; zero-shot accuracy is measured on
     them. Every shape/colour pair is seen in training, but never at its held-out position."""
-    return (SHAPES.index(shape) + 2 * list(COLOURS).index(colour) + 3 * list(POSITIONS).index(position)) % 5 == 0
+    index = SHAPES.index(shape) + 2 * list(COLOURS).index(colour) + 3 * list(POSITIONS).index(position)
+    return index % 5 == 0
 
 
 class Synthetic(Dataset):
     """Captioned images of coloured shapes, rendered a batch at a time with array operations, deterministic per
     index. split="train": the 80 seen shape/colour/position triples; split="heldout": the 20 unseen ones.
-    Indexed by a list of (step, index) keys, as data.GlobalBatches makes them: -> (images, captions, skipped)."""
+    Indexed by a list of (step, index) keys, as data.global_batches makes them: -> (images, captions, skipped)."""
 
     def __init__(self, size, resolution=32, split="train", seed=0):
-        self.size, self.resolution, self.heldout, self.seed = size, resolution, split == "heldout", seed
+        self.size, self.resolution, self.seed = size, resolution, seed
+        self.heldout = split == "heldout"
         triples = [(s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS]
         self.triples = [t for t in triples if is_heldout(*t) == self.heldout]
 
@@ -136,30 +147,34 @@ class Synthetic(Dataset):
         """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""
         R, n = self.resolution, len(indices)
         rngs = [default_rng([self.seed, idx, self.heldout]) for idx in indices]
-        u = np.stack([rng.random(10, dtype=np.float32) for rng in rngs])  # [n, 10]: all but noise and caption
+        # [n, 10]: all but noise and caption
+        u = np.stack([rng.random(10, dtype=np.float32) for rng in rngs])
         shape, colour, position = zip(*(self.triples[int(t * len(self.triples))] for t in u[:, 0]))
         size = [list(SIZES)[int(t * len(SIZES))] for t in u[:, 1]]
-        centre = np.array([POSITIONS[p] for p in position], np.float32) + 0.08 * (u[:, 2:4] - 0.5)  # [n, 2] (x, y)
+        # [n, 2] (x, y)
+        centre = np.array([POSITIONS[p] for p in position], np.float32) + 0.08 * (u[:, 2:4] - 0.5)
         radius = np.array([SIZES[s] for s in size], np.float32) * (0.95 + 0.1 * u[:, 4])  # [n]
         fill = np.array([COLOURS[c] for c in colour], np.float32) + 40 * (u[:, 5:8] - 0.5)  # [n, 3]
         # background: a grey gradient in a random direction with pixel noise (flat backgrounds make all images look
         # alike to a new model, and CLOOB's Hopfield retrieval then stalls at the start)
         ramp = np.linspace(-1, 1, R, dtype=np.float32)
         angle = 2 * np.pi * u[:, 8, None, None]
-        slope = np.cos(angle) * ramp[None, None, :] + np.sin(angle) * ramp[None, :, None]  # [n, R, R]
+        # [n, R, R]
+        slope = np.cos(angle) * ramp[None, None, :] + np.sin(angle) * ramp[None, :, None]
         noise = np.stack([rng.random((R, R, 3), dtype=np.float32) for rng in rngs])  # [n, R, R, 3]
-        background = (40 + 140 * u[:, 9, None, None] + 50 * slope)[..., None] + 40 * noise  # [n, R, R, 3]
+        # [n, R, R, 3]
+        background = (40 + 140 * u[:, 9, None, None] + 50 * slope)[..., None] + 40 * noise
         # the shape's coverage of each pixel, from 2 x 2 sub-pixel samples (smooth edges)
         grid = (np.arange(2 * R, dtype=np.float32) + 0.5) / (2 * R)
-        inside = np.zeros((n, 2 * R, 2 * R), np.float32)
-        for name, test in INSIDE.items():
-            rows = [i for i, s in enumerate(shape) if s == name]
-            dx = grid[None, None, :] - centre[rows, 0, None, None]  # [rows, 1, 2R]
-            dy = grid[None, :, None] - centre[rows, 1, None, None]  # [rows, 2R, 1]
-            inside[rows] = test(dx, dy, radius[rows, None, None])
-        alpha = inside.reshape(n, R, 2, R, 2).mean(axis=(2, 4))[..., None]  # [n, R, R, 1]: the covered fraction
+        dx = grid[None, None, :] - centre[:, 0, None, None]  # [n, 1, 2R]
+        dy = grid[None, :, None] - centre[:, 1, None, None]  # [n, 2R, 1]
+        r = radius[:, None, None]
+        is_shape = [np.array(shape)[:, None, None] == name for name in INSIDE]
+        inside = np.select(is_shape, [test(dx, dy, r) for test in INSIDE.values()])  # [n, 2R, 2R]
+        # [n, R, R, 1]: covered
+        alpha = inside.reshape(n, R, 2, R, 2).mean(axis=(2, 4), dtype=np.float32)[..., None]
         pixels = background + alpha * (fill[:, None, None, :] - background)  # [n, R, R, 3]
-        captions = [self.caption(rng, *args) for rng, *args in zip(rngs, shape, colour, size, position)]
+        captions = list(map(self.caption, rngs, shape, colour, size, position))
         labels = dict(shape=np.array([SHAPES.index(s) for s in shape]),
                       colour=np.array([list(COLOURS).index(c) for c in colour]))
         return np.clip(pixels, 0, 255, out=pixels), captions, labels
@@ -172,7 +187,8 @@ class Synthetic(Dataset):
         words = dict(colour=colour, shape=shape, size=size if named[0] else "",
                      where=WHERE[rng.integers(len(WHERE))].format(position) if named[1] else "")
         text = CAPTIONS[rng.integers(len(CAPTIONS))].format(**words)
-        return re.sub(r"( ?,)+ ?", ", ", " ".join(text.split())).replace(" .", ".").strip(" ,:")  # tidy the gaps
+        # tidy the gaps
+        return re.sub(r"( ?,)+ ?", ", ", " ".join(text.split())).replace(" .", ".").strip(" ,:")
 
 # ---------------------------------------------------------------------------------------------------- files
 
@@ -181,7 +197,7 @@ def csv_arguments(parser):
     """train.py's and zeroshot.py's flags for CSV/TSV files (OpenCLIP's names)."""
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
-    parser.add_argument("--csv-separator", help="default: tab for .tsv, comma otherwise")
+    parser.add_argument("--csv-separator")  # default: tab for .tsv, comma otherwise
 
 
 class CsvCaptions(Dataset):
@@ -191,12 +207,10 @@ class CsvCaptions(Dataset):
     def __init__(self, path, img_key="filepath", caption_key="title", separator=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
-        raw = pathlib.Path(path).read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")  # a byte-order mark, as spreadsheet programs write, is dropped
+        try:  # a byte-order mark, as spreadsheet programs write, is dropped
+            text = pathlib.Path(path).read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            line = raw[:e.start].count(b"\n") + 1
-            raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         separator = separator or ("\t" if path.endswith(".tsv") else ",")
         # tab-separated lines carry quotes as text (CC3M's captions do); a CSV's fields may be quoted
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator,
@@ -204,14 +218,15 @@ class CsvCaptions(Dataset):
         columns = reader.fieldnames or []
         missing = [k for k in (img_key, caption_key) if k not in columns]
         if missing or len(set(columns)) < len(columns):
-            problem = f"no column {missing[0]!r}" if missing else f"a column named twice ({columns})"
+            problem = f"no column {missing[0]!r}" if missing else "a column name given twice"
             raise ValueError(f"{path}: {problem} (columns: {columns}); "
                              f"set --csv-img-key / --csv-caption-key / --csv-separator")
         self.rows, root = [], os.path.dirname(os.path.abspath(path))
         for row in reader:
-            image, caption = row[img_key], row[caption_key]  # None where a short row lacks the field
+            # None where a short row lacks the field
+            image, caption = row[img_key], row[caption_key]
             if "\n" in f"{image}{caption}" or "\r" in f"{image}{caption}":
-                raise ValueError(f"{path}, line {reader.line_num}: a field runs over several lines (no end quote?)")
+                raise ValueError(f"{path}, line {reader.line_num}: a field spans lines (no end quote?)")
             if image is not None:  # relative to the file's folder
                 image = os.path.join(root, image)
             self.rows.append((image, caption))
@@ -239,7 +254,7 @@ class ImageFolder(Dataset):
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.items = [(path, i) for i, c in enumerate(self.classes) for path in find_images(os.path.join(root, c))]
         if not self.items:
-            raise ValueError(f"{root}: no images in class sub-folders (extensions: {' '.join(IMAGE_EXTS)})")
+            raise ValueError(f"{root}: no images in class sub-folders ({' '.join(IMAGE_EXTS)})")
 
     def __len__(self):
         return len(self.items)
@@ -262,17 +277,13 @@ def load_sample(item, transform):
         raise ValueError("image is a URL (download the images first, e.g. with img2dataset)")
     if image is None:
         raise ValueError("missing image")
-    if caption is None:
-        raise ValueError("missing caption")
-    if not caption.strip():
-        raise ValueError("empty caption")
+    if not (caption or "").strip():  # None: a short CSV row
+        raise ValueError("no caption")
     try:
         with Image.open(image) as opened:
             return transform(opened), caption
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise ValueError("missing image") from None
-    except IsADirectoryError:
-        raise ValueError("a directory, not an image") from None
     except Image.DecompressionBombError:
         raise ValueError("image too large (over Pillow's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError):
@@ -300,7 +311,7 @@ class TrainSet(Dataset):
                 except ValueError as e:
                     skipped[str(e)] += 1
             else:
-                raise ValueError(f"100 unusable samples in a row from index {idx} ({dict(skipped)}): check the dataset")
+                raise ValueError(f"100 unusable samples in a row from index {idx}: {dict(skipped)}")
             images.append(image)
             captions.append(caption)
         return torch.stack(images), captions, skipped
@@ -312,44 +323,36 @@ def steps_per_epoch(num_samples, global_batch):
     return num_samples // global_batch
 
 
-class GlobalBatches(Sampler):
+def global_batches(num_samples, batch_size, rank=0, world=1, seed=0, start=0, accum_steps=1):
     """This rank's share of each global batch, as a list of (step, index) keys. Epoch e is a permutation seeded by
     (seed, e), cut into global batches of world*batch_size. Cut into `accum_steps` micro-batches (gradient caching),
     micro-batch k of each rank holds its share of the global batch's micro-batch k: the ranks together normalise
     (--sync-bn) what one process would. Without: rank r takes rows [r*batch_size, (r+1)*batch_size). Infinite, from
-    step `start`."""
-
-    def __init__(self, num_samples, batch_size, rank=0, world=1, seed=0, start=0, accum_steps=1):
-        self.n, self.batch_size, self.rank, self.world = num_samples, batch_size, rank, world
-        self.seed, self.start, self.accum_steps = seed, start, accum_steps
-        self.steps_per_epoch = steps_per_epoch(num_samples, batch_size * world)
-
-    def __iter__(self):
-        step, perm = self.start, None
-        while True:
-            epoch, b = divmod(step, self.steps_per_epoch)
-            if b == 0 or perm is None:
-                perm = default_rng([self.seed, epoch]).permutation(self.n)
-            rows = perm[b * self.world * self.batch_size:(b + 1) * self.world * self.batch_size]  # the global batch
-            mine = rows.reshape(self.accum_steps, self.world, -1)[:, self.rank]  # [micro-batches, rows of each]
-            yield [(step, int(i)) for i in mine.flatten()]
-            step += 1
+    step `start`: a generator, which DataLoader takes as its sampler."""
+    per_epoch, perm = steps_per_epoch(num_samples, batch_size * world), None
+    for step in itertools.count(start):
+        epoch, b = divmod(step, per_epoch)
+        if b == 0 or perm is None:
+            perm = default_rng([seed, epoch]).permutation(num_samples)
+        rows = perm[b * world * batch_size:(b + 1) * world * batch_size]  # the global batch
+        mine = rows.reshape(accum_steps, world, -1)[:, rank]  # [micro-batches, rows of each]
+        yield [(step, int(i)) for i in mine.flatten()]
 
 # ---------------------------------------------------------------------------------------------------- tar shards
 
 
 def expand_braces(pattern):
-    """'dir/{00000..00003}.tar' -> the 4 paths, zero padding kept (the webdataset / img2dataset convention)."""
+    """'dir/{00000..00003}.tar' -> the 4 paths, zero padding kept (the webdataset / img2dataset convention). One
+    brace range."""
     m = re.search(r"\{(\d+)\.\.(\d+)(\.\.\d+)?\}", pattern)
     if not m:
         return [pattern]
     lo, hi, step = m.groups()
     if step:
-        raise ValueError(f"{pattern}: a brace range with a step ({m.group()}) is not supported; list the shards")
+        raise ValueError(f"{pattern}: a brace range with a step ({m.group()}) is not supported")
     if int(lo) > int(hi):
         raise ValueError(f"{pattern}: the brace range {m.group()} is empty (first > last)")
-    return [p for i in range(int(lo), int(hi) + 1)
-            for p in expand_braces(pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():])]
+    return [pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():] for i in range(int(lo), int(hi) + 1)]
 
 
 def tar_samples(path):
@@ -372,7 +375,8 @@ def tar_samples(path):
                 group[kind] = tar.extractfile(member).read()
         if group:
             yield group.get("image"), group.get("txt")
-        if path.endswith(".tar") and os.path.getsize(path) < tar.offset + 1024:  # no end-of-archive blocks: cut short
+        # no end-of-archive blocks: cut short
+        if path.endswith(".tar") and os.path.getsize(path) < tar.offset + 1024:
             raise tarfile.ReadError(f"unexpected end of data in {path}")
 
 
@@ -388,24 +392,25 @@ class TarShards(IterableDataset):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
-            raise FileNotFoundError(f"training shard not found: {missing[0]} ({len(missing)} of {len(self.shards)})")
+            raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(self.shards)})")
         if len(self.shards) < world * max(1, workers):
-            raise ValueError(f"{len(self.shards)} shards cannot feed {world} ranks x {workers} workers each")
-        self.batch_size, self.resolution, self.rank, self.world = batch_size, resolution, rank, world
-        self.seed, self.start = seed, start
+            raise ValueError(f"{len(self.shards)} shards for {world} ranks x {workers} workers each")
+        self.batch_size, self.resolution, self.rank = batch_size, resolution, rank
+        self.world, self.seed, self.start = world, seed, start
 
     def __iter__(self):
         info = get_worker_info()
         workers = info.num_workers if info else 1
         slot = (self.start + (info.id if info else 0)) % workers
         shards = self.shards[self.rank * workers + slot::self.world * workers]
-        step, skip = self.start + (slot - self.start) % workers, len(range(slot, self.start, workers)) * self.batch_size
+        step = self.start + (slot - self.start) % workers  # this slot's first step
+        skip = len(range(slot, self.start, workers)) * self.batch_size  # samples it made before `start`
         images, captions, skipped, found = [], [], Counter(), 0
         for epoch in range(10 ** 9):
-            if epoch and found < self.batch_size:  # else a batch would hold a sample twice (or, with none, hang)
-                raise ValueError(f"{found} usable samples in a pass over {', '.join(map(os.path.basename, shards))} "
-                                 f"(the {len(shards)} of {len(self.shards)} shards read by rank {self.rank}, loader "
-                                 f"worker {slot}): fewer than a batch of {self.batch_size} ({dict(skipped)})")
+            # else a batch would hold a sample twice (or, with none, hang)
+            if epoch and found < self.batch_size:
+                raise ValueError(f"{found} usable samples in a pass over the {len(shards)} shards of rank {self.rank}, "
+                                 f"loader worker {slot}: fewer than a batch of {self.batch_size} ({dict(skipped)})")
             found = 0
             for shard in default_rng([self.seed, epoch, self.rank, slot]).permutation(shards):
                 try:

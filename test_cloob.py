@@ -341,8 +341,9 @@ def test_every_token_row_holds_its_end_token(encoding):
 def test_clip_tokenizer_needs_no_download_and_names_a_missing_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no cache anywhere: the merges file ships beside cloob.py
     assert cloob.Tokenizer("clip").encode("a diagram") == [320, 22697]
+    monkeypatch.setattr(cloob, "BPE_PATH", tmp_path / "nope.txt.gz")
     with pytest.raises(FileNotFoundError, match="BPE merges file not found: .*nope.txt.gz"):
-        cloob.Tokenizer("clip", bpe_path=str(tmp_path / "nope.txt.gz"))
+        cloob.Tokenizer("clip")
     assert "tokenizer 'cl100k_base': expected clip or bytes" in one_line_error(cloob.Tokenizer, "cl100k_base")
     assert "bytes tokenizer: 258 ids; the model has 49408" in one_line_error(
         cloob.tokenizer_for, cloob.CONFIGS["RN50"], "bytes")
@@ -437,7 +438,7 @@ def _grad_cache(model, images, tokens, rows, world):
     """train.py's gradient caching, 2 micro-batches, on `rows` -> the loss averaged over the ranks."""
     args = train.parse_args(["--batch-size", str(len(rows)), "--accum-steps", "2"])
     off = torch.amp.GradScaler("cpu", enabled=False)
-    loss, _ = train.grad_cache_backward(args, model, images[rows], tokens[rows], contextlib.nullcontext(), off, world)
+    loss, _ = train.grad_cache_backward(args, model, model, images[rows], tokens[rows], contextlib.nullcontext(), off, world)
     if world > 1:
         dist.all_reduce(loss)
     return loss.item() / world
@@ -479,7 +480,7 @@ def _two_ranks(rank, tmp, eval_folder):
         del ddp
         gc.collect()
     model, images, tokens, _ = _distributed_setup("sync-bn")  # gradient caching, rows as train.py deals them
-    rows = [i for _, i in next(iter(data.GlobalBatches(8, 4, rank, 2, accum_steps=2)))]
+    rows = [i for _, i in next(iter(data.global_batches(8, 4, rank, 2, accum_steps=2)))]
     out["grad-cache"] = (_grad_cache(model, images, tokens, rows, 2), {k: p.grad for k, p in model.named_parameters()})
     out["skip"] = {flags: _skipped_step(rank, flags) for flags in ("", "--sync-bn", "--accum-steps 2 --sync-bn")}
     for mode in (["--data", str(eval_folder / "images")], ["--retrieval", str(eval_folder / "pairs.csv")]):
@@ -524,9 +525,9 @@ def test_sync_batchnorm_running_statistics_are_the_global_batchs(two_ranks):
 
 def test_gradient_caching_over_two_ranks_equals_one_process(two_ranks):
     """2 ranks x 2 micro-batches = 1 process x 2 micro-batches, with SyncBatchNorm: rank r's micro-batch k holds its
-    share of the global micro-batch k (data.GlobalBatches), and the gradients are averaged over the ranks."""
+    share of the global micro-batch k (data.global_batches), and the gradients are averaged over the ranks."""
     model, images, tokens, _ = _distributed_setup("sync-bn")
-    rows = [i for _, i in next(iter(data.GlobalBatches(8, 8, accum_steps=2)))]
+    rows = [i for _, i in next(iter(data.global_batches(8, 8, accum_steps=2)))]
     loss = _grad_cache(model, images, tokens, rows, 1)
     dist_loss, dist_grads = two_ranks[1][0]["grad-cache"]
     assert dist_loss == pytest.approx(loss, rel=1e-12)
@@ -569,16 +570,6 @@ def test_own_checkpoint_roundtrip(tmp_path):
     images, tokens = micro_batch(3)
     for a, b in zip(outputs(model.eval(), images, tokens), outputs(loaded, images, tokens)):
         assert torch.equal(a, b)
-
-
-def test_unwrap_removes_compile_and_ddp_prefixes():
-    model = cloob.CLIP(MICRO)
-
-    class Wrapper(torch.nn.Module):  # stands in for DDP (.module) and torch.compile (._orig_mod)
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-    assert cloob.unwrap(Wrapper(Wrapper(model))) is model
 
 
 def test_official_cloob_checkpoint_loads(tmp_path):
@@ -824,16 +815,16 @@ def test_synthetic_data_is_deterministic_and_holds_out_combinations():
 
 
 def test_global_batches_do_not_depend_on_world_size():
-    one = iter(data.GlobalBatches(40, 8, seed=1))
-    two = [iter(data.GlobalBatches(40, 4, rank=r, world=2, seed=1)) for r in range(2)]
+    one = iter(data.global_batches(40, 8, seed=1))
+    two = [iter(data.global_batches(40, 4, rank=r, world=2, seed=1)) for r in range(2)]
     for _ in range(12):  # crosses epoch boundaries (5 steps per epoch)
         assert next(one) == next(two[0]) + next(two[1])
-    resumed = iter(data.GlobalBatches(40, 8, seed=1, start=7))
-    fresh = iter(data.GlobalBatches(40, 8, seed=1))
+    resumed = iter(data.global_batches(40, 8, seed=1, start=7))
+    fresh = iter(data.global_batches(40, 8, seed=1))
     assert next(resumed) == [next(fresh) for _ in range(8)][-1]
     # in micro-batches (--accum-steps 2): rank r's k-th half is its share of the global batch's k-th half
-    one = next(iter(data.GlobalBatches(40, 8, seed=1, accum_steps=2)))
-    two = [next(iter(data.GlobalBatches(40, 4, rank=r, world=2, seed=1, accum_steps=2))) for r in range(2)]
+    one = next(iter(data.global_batches(40, 8, seed=1, accum_steps=2)))
+    two = [next(iter(data.global_batches(40, 4, rank=r, world=2, seed=1, accum_steps=2))) for r in range(2)]
     assert one == two[0][:2] + two[1][:2] + two[0][2:] + two[1][2:]
 
 
@@ -844,9 +835,9 @@ def test_csv_files_as_spreadsheets_write_them(tmp_path, capsys):
     ds = data.CsvCaptions(str(tmp_path / "bom.csv"))
     assert len(ds) == 8 and ds[7][1] is None
     batch = data.TrainSet(ds, 32)[[(0, 7), (0, 0)]]
-    assert batch[2] == {"missing caption": 1} and batch[1][0] == rows[0][1]  # the short row is skipped and counted
+    assert batch[2] == {"no caption": 1} and batch[1][0] == rows[0][1]  # the short row is skipped and counted
     (tmp_path / "latin1.csv").write_bytes("filepath,title\nimg/0000.png,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.csv, line 2: not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"latin1.csv: not UTF-8 text \(byte "):
         data.CsvCaptions(str(tmp_path / "latin1.csv"))
 
 
@@ -857,9 +848,9 @@ def test_tsv_quotes_are_text_and_csv_quotes_that_swallow_lines_are_named(tmp_pat
     captions = [c for _, c in data.CsvCaptions(str(tmp_path / "cc.tsv")).rows]
     assert len(captions) == 8 and captions[2] == '"the best" day ever' and captions[3].startswith('"unclosed quote')
     (tmp_path / "q.csv").write_text('filepath,title\na.png,"a, quoted caption"\nb.png,"unclosed\nc.png,more\n')
-    assert 'q.csv, line 4: a field runs over several lines' in one_line_error(data.CsvCaptions, str(tmp_path / "q.csv"))
+    assert 'q.csv, line 4: a field spans lines' in one_line_error(data.CsvCaptions, str(tmp_path / "q.csv"))
     (tmp_path / "d.csv").write_text("filepath,title,title\na.png,one,two\n")
-    assert "a column named twice (['filepath', 'title', 'title'])" in one_line_error(
+    assert "a column name given twice (columns: ['filepath', 'title', 'title'])" in one_line_error(
         data.CsvCaptions, str(tmp_path / "d.csv")
     )
 
@@ -908,7 +899,7 @@ def test_tar_sample_without_caption_is_a_missing_caption(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     assert list(data.tar_samples(str(tmp_path / "s.tar"))) == [(b"x", None), (None, b"caption")]
-    with pytest.raises(ValueError, match="missing caption"):
+    with pytest.raises(ValueError, match="no caption"):
         data.load_sample((io.BytesIO(b"x"), None, {}), None)
 
 
@@ -929,7 +920,7 @@ def test_tar_shards_without_usable_samples_fail_instead_of_hanging(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(ValueError, match="0 usable samples in a pass over 00000.tar .the 1 of 1 shards"):
+    with pytest.raises(ValueError, match="0 usable samples in a pass over the 1 shards of rank 0"):
         next(iter(data.TarShards(str(tmp_path / "bad" / "00000.tar"), 2, 32)))
 
 
@@ -942,8 +933,8 @@ def test_a_loader_worker_with_fewer_samples_than_a_batch_stops_the_run(tmp_path)
         )
     batches = iter(torch.utils.data.DataLoader(data.TarShards(pattern, 4, 32, workers=2), batch_size=None,
                                                num_workers=2))
-    with pytest.raises(Exception, match=r"2 usable samples in a pass over 00001.tar \(the 1 of 2 shards read by rank 0, "
-                                        r"loader worker 1\): fewer than a batch of 4") as e:
+    with pytest.raises(Exception, match=r"2 usable samples in a pass over the 1 shards of rank 0, "
+                                        r"loader worker 1: fewer than a batch of 4") as e:
         [next(batches) for _ in range(8)]
     traceback.clear_frames(e.tb)  # the loader's workers end now (shut down later by gc.collect, they wait 5 s)
     del batches
@@ -1080,7 +1071,7 @@ def test_gradient_caching_equals_the_big_batch_gradient(method):
                 train.compute_loss(args, model, *model(images, tokens)).backward()
             else:
                 train.grad_cache_backward(
-                    args, model, images, tokens, contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), 1
+                    args, model, model, images, tokens, contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), 1
                 )
         grads[k] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         peaks[k] = hooks.peak
@@ -1154,8 +1145,9 @@ def test_bench_times_the_training_step(capsys, monkeypatch):
     assert "step_ms" in capsys.readouterr().out and r["flops_per_sample"] == vit_train_flops(cloob.CONFIGS["tiny-vit"])
     assert r["samples_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3)) and r["mfu"] is None  # no peak known on a CPU
     assert 0 < r["peak_memory_gib"] < 24
-    monkeypatch.setattr(train, "peak_tflops", lambda device, precision: 1.0)  # as if the device's peak were 1 TFLOP/s
-    train.main(["--bench", "--batch-size", "8", "--steps", "1", "--accum-steps", "2", "--method", "clip"])
+    monkeypatch.setattr(train, "PEAK_TFLOPS", {"cpu": 1})  # as if the CPU's bf16 peak were 1 TFLOP/s
+    train.main(["--bench", "--batch-size", "8", "--steps", "1", "--accum-steps", "2", "--method", "clip",
+                "--precision", "bf16"])
     r = json.loads(capsys.readouterr().out)
     assert r["accum_steps"] == 2 and r["method"] == "clip"
     assert r["mfu"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12)
@@ -1199,7 +1191,7 @@ def test_csv_with_missing_and_corrupt_images_trains_and_reports(tmp_path, capsys
     train.main([*FAST, "--train-data", str(tmp_path / "train.tsv"), "--tokenizer", "bytes", "--batch-size", "8",
                 "--steps", "4", "--logs-dir", str(tmp_path), "--name", "csv"])
     out = capsys.readouterr().out
-    assert "missing image" in out and "corrupt image" in out and "empty caption" in out
+    assert "missing image" in out and "corrupt image" in out and "no caption" in out
     events = metrics(tmp_path / "csv")
     assert events[-1]["skipped"] >= 3 and np.isfinite(events[-1]["loss"]) and 0 <= events[-1]["data_wait"] <= 1
 
@@ -1313,10 +1305,11 @@ def test_compile_trains_as_eager(fp32_run, tmp_path, monkeypatch, capsys):
     """--compile with --grad-checkpointing: the fp32 run's losses. Dynamo and AOTAutograd trace the model and its
     checkpointed blocks as on a GPU; inductor's code generation (a minute of C++ builds on a cold CPU cache, and
     Triton on a GPU in any case) is replaced by eager kernels."""
-    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
+    compiled, compile_eagerly = [], partial(torch.compile, backend="aot_eager")
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or compile_eagerly(model))
     train.main([*FAST, "--batch-size", "8", "--steps", "2", "--seed", "1", "--logs-dir", str(tmp_path), "--compile",
                 "--grad-checkpointing", "--name", "run"])
-    assert "first step, with torch.compile's compilation:" in capsys.readouterr().out
+    assert len(compiled) == 1
     assert losses(tmp_path / "run") == pytest.approx(fp32_run, rel=1e-4)
 
 # ---------------------------------------------------------------------------------------------------- stop and resume
@@ -1502,7 +1495,7 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
     train.main([*common, "--steps", "4"])
     before = {p: os.path.getmtime(p) for p in cloob.checkpoints(str(tmp_path / "reuse"))}
     err = train_error(capsys, *common, "--steps", "6", "--seed", "1")
-    assert "holds a run's checkpoints: continue with --resume latest or pick another --name" in err
+    assert "has checkpoints: continue with --resume latest or pick another --name" in err
     assert {p: os.path.getmtime(p) for p in cloob.checkpoints(str(tmp_path / "reuse"))} == before
     (tmp_path / "reuse" / "checkpoints" / "step_0000006.pt.tmp").write_bytes(b"half a checkpoint")
     train.main([*common, "--steps", "6", "--resume", "latest"])  # a deliberate change (more steps) is fine
@@ -1729,7 +1722,7 @@ def test_zeroshot_retrieval_reads_each_image_once(eval_folder, monkeypatch, caps
     r = zeroshot.main(["--model", str(eval_folder / "run"), "--retrieval", str(eval_folder / "pairs.csv"),
                        "--workers", "0", "--batch-size", "4"])
     assert len(reads) == r["images"] == 14 and r["captions"] == 28
-    assert r["skipped"] == {"corrupt image": 1, "missing image": 1, "empty caption": 1}
+    assert r["skipped"] == {"corrupt image": 1, "missing image": 1, "no caption": 1}
     assert "14 images, 28 captions: image_to_text_R@1" in capsys.readouterr().out
     monkeypatch.undo()
     model, _ = cloob.load_model(str(eval_folder / "run"))
@@ -1776,17 +1769,6 @@ def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys):
     assert "zeroshot.py: error: --labels ',, ,' names no label" in capsys.readouterr().err
 
 
-def test_zeroshot_progress_line_every_ten_seconds(monkeypatch, capsys):
-    clock = iter([0.0, 5.0, 12.0, 15.0, 30.0])  # start, then one reading per batch
-    monkeypatch.setattr(zeroshot.time, "time", lambda: next(clock))
-    model = cloob.CLIP(cloob.CONFIGS["tiny-vit"]).eval()
-    sizes = [100, 200, 100, 600]  # t=5: too soon; t=12: 300 done, 25 images/s, eta 28 s; t=15: 3 s after; t=30: all
-    batches = [(torch.zeros(n, 3, 32, 32), None, {"t": torch.zeros(n, dtype=torch.long)}, collections.Counter())
-               for n in sizes]
-    zeroshot.evaluate(model, cloob.Tokenizer("bytes", 48), {"t": (["a", "b"], ("{}",))}, batches, total=1000)
-    assert capsys.readouterr().err == "  300/1000 images, 25 images/s, eta 28 s\n"
-
-
 def test_gelu_flag_reads_a_bare_state_dict_as_gelu(tmp_path):
     torch.manual_seed(0)
     config = dataclasses.replace(MICRO, vocab_size=49408, context_length=77, transformer_width=64, quick_gelu=False)
@@ -1820,19 +1802,19 @@ def huge_png(tmp_path_factory):
     "argv,message",
     [
         (["--data", "{empty}"], "no images in class sub-folders"),
-        (["--data", "{images}", "--classnames", "{names}"], "has 2 class names for 3 class folders"),
+        (["--data", "{images}", "--classnames", "{names}"], ": 2 class names for 3 class folders"),
         (["--data", "nowhere"], "image folder not found: nowhere"),
         (["--image", "nowhere.jpg", "--labels", "a,b"], "nowhere.jpg: missing image"),
         (["--image", "{images}/square/broken.jpg", "--labels", "a,b"], "broken.jpg: corrupt image"),
-        (["--image", "{images}/square", "--labels", "a,b"], "square: a directory, not an image"),
+        (["--image", "{images}/square", "--labels", "a,b"], "square: missing image"),
         (["--image", "{huge}", "--labels", "a,b"], "huge.png: image too large (over Pillow's decompression-bomb limit"),
         (
             ["--image", "{images}/square/broken.jpg", "--labels", "a cat,a dog,a cat"],
-            "--labels: ['a cat'] given more than once",
+            "--labels: ['a cat'] given twice",
         ),
-        (["--data", "{images}", "--output", "{empty}"], "empty: Is a directory"),
+        (["--data", "{images}", "--output", "{empty}"], "Is a directory"),
         (["--data", "{images}", "--output", "{empty}/no/r.json"], "No such file or directory"),
-        (["--data", "{images}", "--templates", "{names}"], "every template needs a {} for the class name"),
+        (["--data", "{images}", "--templates", "{names}"], "every template needs a {} for the name"),
         (["--model", "{names}", "--data", "{images}"], "cannot be read"),
         (
             ["--model", "{empty}", "--data", "{images}"],
@@ -1885,7 +1867,7 @@ def test_bad_flags_are_usage_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--train-data", "nope.csv"], "data file not found: nope.csv"),
-    (["--train-data", "x/{00000..00003}.tar", "--train-num-samples", "10"], "training shard not found"),
+    (["--train-data", "x/{00000..00003}.tar", "--train-num-samples", "10"], "shard not found"),
     (["--train-data", "x/{000..010..2}.tar", "--train-num-samples", "10"], "a brace range with a step"),
     (["--resume", "missing.pt"], "checkpoint not found: missing.pt"),
     (["--pretrained", "missing.pt"], "checkpoint not found: missing.pt"),
@@ -1900,10 +1882,10 @@ def test_data_and_run_directory_problems_are_one_line_errors(tmp_path, capsys):
     tar = [*FAST, "--train-data", pattern, "--tokenizer", "bytes", "--logs-dir", str(tmp_path)]
     assert "4 samples are fewer than one global batch of 6" in train_error(capsys, *tar, "--train-num-samples", "4",
                                                                            "--batch-size", "6", "--name", "a")
-    assert "2 shards cannot feed 1 ranks x 4 workers each" in train_error(capsys, *tar, "--train-num-samples", "6",
+    assert "2 shards for 1 ranks x 4 workers each" in train_error(capsys, *tar, "--train-num-samples", "6",
                                                                      "--workers", "4", "--name", "b")
     (tmp_path / "file").write_text("")
-    assert "cannot write the run directory" in train_error(
+    assert "Not a directory" in train_error(
         capsys, *FAST, "--steps", "1", "--logs-dir", str(tmp_path / "file")
     )
 

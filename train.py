@@ -3,7 +3,32 @@
   torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
   python train.py --bench --model ViT-B-16 --batch-size 256 --compile     # step time, samples/s, memory, MFU
 --batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch.
-SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpoint is saved, the run stops."""
+SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpoint is saved, the run stops.
+
+Defaults differ on synthetic data (the demo: tiny-vit, batch 128, lr 5e-4, 500 warm-up steps, 1 cosine cycle,
+1000 steps, 0 workers) and on real data (the official CLOOB recipe: RN50, 64 per rank (8 GPUs x 64), lr 1e-3,
+20000 warm-up steps, 10 cosine cycles, 70 epochs, 2 workers).
+  --pretrained PATH      start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, HF, CLOOB, ours)
+  --gelu                 --pretrained is a bare OpenCLIP state dict of a GELU model (not -quickgelu)
+  --tokenizer            default: the checkpoint's; bytes on synthetic data, else clip
+  --init-inv-tau         CLOOB's inverse temperature (fixed unless --learn-inv-tau)
+  --train-data           synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar' (or .tar.gz)
+  --train-num-samples    samples in an epoch of tar shards (which need it)
+  --workers              data-loading processes per rank
+  --zeroshot-data DIR    image folder (one sub-folder per class); default on synthetic data: the held-out set
+  --zeroshot-every N     steps between zero-shot evaluations (default: at the end)
+  --beta2, --eps         AdamW's; default 0.98 for ViTs, 0.999 for ResNets; eps 1e-8 (1e-6 for CLIP on ViTs, as OpenAI)
+  --restart-cycles       cosine cycles after the warm-up (each restarts at the full rate)
+  --accum-steps K        exact gradient caching over K micro-batches: less memory
+  --grad-checkpointing   recompute block activations in the backward: less memory
+  --sync-bn              ResNets: BatchNorm over the global batch (world-size invariance)
+  --compile              torch.compile the model (default: on with CUDA)
+  --steps                optimizer steps (default: from --epochs; 20 with --bench)
+  --precision            default bf16 on GPU, fp32 on CPU
+  --logs-dir, --name     runs go to LOGS_DIR/NAME (default name: method-model-time; not --logs: torchrun's)
+  --save-every N         steps between checkpoints (and one at the end)
+  --resume               latest (the run's newest readable checkpoint; a new run if it has none) | PATH
+  --bench                time the training step on tensors already on the device instead"""
 import argparse
 import gc
 import json
@@ -54,42 +79,40 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--method", choices=["cloob", "clip"], default="cloob")
-    a("--model", choices=sorted(cloob.CONFIGS), help="preset (default: tiny-vit on synthetic data, else RN50)")
-    a("--pretrained", help="start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, HF, CLOOB, ours)")
-    a("--gelu", action="store_true", help="--pretrained is a bare OpenCLIP state dict of a GELU model (not -quickgelu)")
-    a("--tokenizer", choices=["clip", "bytes"], help="default: the checkpoint's; bytes on synthetic data, else clip")
-    a("--init-inv-tau", type=POSITIVE, default=30.0, help="CLOOB's inverse temperature (fixed unless --learn-inv-tau)")
+    a("--model", choices=sorted(cloob.CONFIGS))
+    a("--pretrained")
+    a("--gelu", action="store_true")
+    a("--tokenizer", choices=["clip", "bytes"])
+    a("--init-inv-tau", type=POSITIVE, default=30.0)
     a("--learn-inv-tau", action="store_true")
     a("--hopfield-beta", type=POSITIVE, default=8.0)
-    a("--train-data", default="synthetic", help="synthetic | FILE.csv/.tsv | 'DIR/{00000..00331}.tar' (or .tar.gz)")
-    a("--train-num-samples", type=COUNT, help="samples in an epoch of tar shards (which need it)")
+    a("--train-data", default="synthetic")
+    a("--train-num-samples", type=COUNT)
     data.csv_arguments(p)
-    a("--workers", type=NATURAL, help="data-loading processes per rank (default 0 on synthetic data, else 2)")
-    a("--zeroshot-data", help="image folder (one sub-folder per class); default on synthetic data: held-out set")
-    a("--zeroshot-every", type=COUNT, help="steps between zero-shot evaluations (default: at the end)")
-    a("--batch-size", type=COUNT, help="per rank (default 128 synthetic, 64 otherwise: 8 GPUs x 64 = 512)")
+    a("--workers", type=NATURAL)
+    a("--zeroshot-data")
+    a("--zeroshot-every", type=COUNT)
+    a("--batch-size", type=COUNT)
     a("--lr", type=POSITIVE)
     a("--wd", type=checked(float, lambda v: 0 <= v < math.inf, ">= 0"), default=0.1)
-    a("--beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), help="default 0.98 ViT, 0.999 ResNet")
-    a("--eps", type=POSITIVE, help="AdamW's epsilon (default 1e-8; 1e-6 for CLIP on ViTs, as OpenAI)")
-    a("--warmup", type=NATURAL, help="steps (default 20000; 500 on synthetic data)")
-    a("--restart-cycles", type=COUNT, help="cosine cycles after the warm-up (default 10, as CLOOB; 1 on synthetic)")
-    a("--accum-steps", type=COUNT, default=1, help="exact gradient caching over K micro-batches: less memory")
-    a("--grad-checkpointing", action="store_true", help="recompute block activations in the backward: less memory")
-    a("--sync-bn", action="store_true", help="ResNets: BatchNorm over the global batch (world-size invariance)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
-      help="torch.compile the model (default: on with CUDA)")
-    a("--steps", type=COUNT, help="optimizer steps (default: from --epochs; 1000 on synthetic data; 20 with --bench)")
-    a("--epochs", type=COUNT, help="default 70 (the official CLOOB run)")
+    a("--beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"))
+    a("--eps", type=POSITIVE)
+    a("--warmup", type=NATURAL)
+    a("--restart-cycles", type=COUNT)
+    a("--accum-steps", type=COUNT, default=1)
+    a("--grad-checkpointing", action="store_true")
+    a("--sync-bn", action="store_true")
+    a("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
+    a("--steps", type=COUNT)
+    a("--epochs", type=COUNT)
     a("--seed", type=int, default=0)
-    a("--precision", choices=["fp32", "bf16", "fp16"], default="bf16" if torch.cuda.is_available() else "fp32",
-      help="default bf16 on GPU, fp32 on CPU")
-    a("--logs-dir", default="logs", help="runs go to LOGS_DIR/NAME (not --logs: torchrun takes that one)")
-    a("--name", help="run name (default: method-model-time)")
-    a("--save-every", type=COUNT, default=1000, help="steps between checkpoints (and one at the end)")
-    a("--resume", help="latest (the run's newest readable checkpoint; a new run if it has none) | PATH")
+    a("--precision", choices=["fp32", "bf16", "fp16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    a("--logs-dir", default="logs")
+    a("--name")
+    a("--save-every", type=COUNT, default=1000)
+    a("--resume")
     a("--log-every", type=COUNT, default=10)
-    a("--bench", action="store_true", help="time the training step on random tensors already on the device instead")
+    a("--bench", action="store_true")
     args = p.parse_args(argv)
     synthetic, tar = args.train_data == "synthetic", args.train_data.endswith(data.TAR_EXTS)
     if args.pretrained:  # the architecture is the checkpoint's; the run is named after it
@@ -124,7 +147,8 @@ def build_model(args, device):
         tokenizer = cloob.tokenizer_for(model.config, args.tokenizer or info["tokenizer"])
     else:
         config, tokenizer = cloob.CONFIGS[args.model], None
-        if not args.bench:  # a new model takes its tokenizer's vocabulary (--bench's tokens are random)
+        # a new model takes its tokenizer's vocabulary (--bench's tokens are random)
+        if not args.bench:
             tokenizer = cloob.Tokenizer(args.tokenizer or ("bytes" if args.train_data == "synthetic" else "clip"),
                                         config.context_length)
             config = replace(config, vocab_size=tokenizer.vocab_size)
@@ -132,7 +156,8 @@ def build_model(args, device):
         model = cloob.CLIP(config)
     if args.method == "cloob":  # CLIP's: a new model's (1/0.07, learnable), or the loaded one's
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
-    vit = isinstance(model.config.vision_layers, int)  # AdamW follows the model trained, preset or loaded
+    # AdamW follows the model trained, preset or loaded
+    vit = isinstance(model.config.vision_layers, int)
     args.beta2 = args.beta2 or (0.98 if vit else 0.999)
     # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of
     # 1e-6 (OpenAI's for ViTs) would damp its Adam steps
@@ -152,17 +177,18 @@ def open_data(args, rank, world):
 
 def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
     """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
-    the dataset is one batch: tar shards stream them, the others are indexed by data.GlobalBatches."""
+    the dataset is one batch: tar shards stream them, the others are indexed by data.global_batches. The loader is
+    iterated once, forever."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
-              worker_init_fn=_worker_signals, pin_memory=torch.cuda.is_available())  # iterated once, forever
+              worker_init_fn=_worker_signals, pin_memory=torch.cuda.is_available())
     dataset.resolution = resolution  # images are made at the model's resolution
+    epoch = data.steps_per_epoch(args.train_num_samples or len(dataset), args.batch_size * world)
     if isinstance(dataset, data.TarShards):
         dataset.start = start
-        epoch = data.steps_per_epoch(args.train_num_samples, args.batch_size * world)
         return iter(DataLoader(dataset, **kw)), epoch
     batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
-    sampler = data.GlobalBatches(len(dataset), args.batch_size, rank, world, args.seed, start, args.accum_steps)
-    return iter(DataLoader(batches, sampler=sampler, **kw)), sampler.steps_per_epoch
+    sampler = data.global_batches(len(dataset), args.batch_size, rank, world, args.seed, start, args.accum_steps)
+    return iter(DataLoader(batches, sampler=sampler, **kw)), epoch
 
 
 def _tokenize(tokenizer, batch):  # in the loader workers
@@ -194,7 +220,8 @@ def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
                           beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
                           optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args))
-    for old in cloob.checkpoints(run_dir)[:-2]:  # keep the newest two (the run directory holds only this run)
+    # keep the newest two (the run directory holds only this run)
+    for old in cloob.checkpoints(run_dir)[:-2]:
         os.remove(old)
     return path
 
@@ -211,7 +238,7 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
     found = cloob.checkpoints(run_dir)
     if not args.resume:
         if found:
-            raise ValueError(f"{run_dir} holds a run's checkpoints: continue with --resume latest or pick another --name")
+            raise ValueError(f"{run_dir} has checkpoints: continue with --resume latest or pick another --name")
         return 0, None
     for path in found[::-1] if args.resume == "latest" else [args.resume]:
         try:
@@ -225,7 +252,8 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
         ours, theirs = dict(vars(args), **asdict(model.config)), dict(ckpt["args"], **ckpt["config"])
         keys = [*ckpt["config"], *RESUME_KEYS, *(CLOOB_KEYS if args.method == "cloob" else [])]
-        if args.train_data.endswith(data.TAR_EXTS):  # which shards feed which batch (0 workers read as 1)
+        # which shards feed which batch (0 workers read as 1)
+        if args.train_data.endswith(data.TAR_EXTS):
             keys += ["workers", "world_size"]
             ours["workers"], theirs["workers"] = max(1, ours["workers"]), max(1, theirs["workers"])
         differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in keys if theirs.get(k) != ours[k]]
@@ -233,7 +261,8 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (a new run: --pretrained)")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group, wd in zip(optimizer.param_groups, (args.wd, 0.0)):  # this run's settings, in prepare's groups
+        # this run's settings, in prepare's groups
+        for group, wd in zip(optimizer.param_groups, (args.wd, 0.0)):
             group.update(weight_decay=wd, betas=(0.9, args.beta2), eps=args.eps)
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
             scaler.load_state_dict(ckpt["scaler"])
@@ -250,24 +279,21 @@ def open_run_dir(args, run_dir, start, total):
     """Rank 0: the run directory with this run's config.json; leftovers of a save that was killed removed; after a
     resume, metrics.jsonl keeps only the steps up to the checkpoint (the run logs the later ones again), and
     checkpoints after it (a rollback with --resume PATH) are moved aside: --resume latest continues this line."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for tmp in (run_dir / "checkpoints").glob("*.tmp"):
-            tmp.unlink()
-        aside = run_dir / f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}"
-        for path in map(pathlib.Path, cloob.checkpoints(run_dir)):
-            if int(path.stem.removeprefix("step_")) > start:  # step_0000040.pt
-                print(f"--resume {args.resume}: a later checkpoint, {path.name}, is moved to {aside}")
-                os.renames(path, aside / path.name)  # makes the folder
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            lines = metrics.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start]
-            (run_dir / "metrics.tmp").write_text("".join(kept))
-            os.replace(run_dir / "metrics.tmp", metrics)
-        (run_dir / "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
-    except OSError as e:
-        raise ValueError(f"cannot write the run directory {run_dir}: {e.strerror or e}") from None
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for tmp in (run_dir / "checkpoints").glob("*.tmp"):
+        tmp.unlink()
+    aside = run_dir / f"rolled_back_{time.strftime('%Y%m%d-%H%M%S')}"
+    for path in map(pathlib.Path, cloob.checkpoints(run_dir)):
+        if int(path.stem.removeprefix("step_")) > start:  # step_0000040.pt
+            print(f"--resume {args.resume}: a later checkpoint, {path.name}, is moved to {aside}")
+            os.renames(path, aside / path.name)  # makes the folder
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("}\n") and json.loads(line)["step"] <= start]
+        (run_dir / "metrics.tmp").write_text("".join(kept))
+        os.replace(run_dir / "metrics.tmp", metrics)
+    (run_dir / "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
 
 
 def print0(rank, line, run_dir=None, event=None):
@@ -294,7 +320,8 @@ def prepare(args, model, device, world):
         model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.wd},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # not gains, biases, temperature
+              # not gains, biases, temperature
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=args.eps, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
@@ -305,11 +332,11 @@ def prepare(args, model, device, world):
 
 
 def compute_loss(args, model, x, y):
-    scale = cloob.unwrap(model).logit_scale.exp()
+    scale = model.logit_scale.exp()
     return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
 
 
-def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
+def grad_cache_backward(args, model, net, images, tokens, ctx, scaler, world):
     """Exact gradient caching (Gao et al., 2021) over K = --accum-steps micro-batches of this rank's batch:
     1. encode every micro-batch without autograd: the features of the whole batch;
     2. the loss on them (negatives from all micro-batches, and from all ranks), back-propagated to the features
@@ -319,24 +346,25 @@ def grad_cache_backward(args, net, images, tokens, ctx, scaler, world):
     DDP is bypassed: the gradients are averaged over ranks once, at the end, as DDP would. -> (the loss, the buffers
     after the first micro-batch's forward: BatchNorm's running statistics advance once per step)."""
     chunks = list(zip(images.chunk(args.accum_steps), tokens.chunk(args.accum_steps)))
-    model = cloob.unwrap(net)
     with torch.no_grad(), ctx:
         features = [net(*chunks[0])]
         saved = [b.clone() for b in model.buffers()]
         features += [net(i, t) for i, t in chunks[1:]]
-    x = torch.cat([f[0] for f in features]).requires_grad_()  # [B, D]; the loss computes in float32 (or float64)
+    # [B, D]; the loss computes in float32 (or float64)
+    x = torch.cat([f[0] for f in features]).requires_grad_()
     y = torch.cat([f[1] for f in features]).requires_grad_()
-    loss = compute_loss(args, net, x, y)
+    loss = compute_loss(args, model, x, y)
     scaler.scale(loss).backward()  # -> x.grad, y.grad [B, D] (scaled like the loss under fp16)
     for (i, t), gx, gy in zip(chunks, x.grad.chunk(args.accum_steps), y.grad.chunk(args.accum_steps)):
         with ctx:
             xk, yk = net(i, t)
         torch.autograd.backward([xk, yk], [gx.to(xk.dtype), gy.to(yk.dtype)])
     if world > 1:  # one flat all-reduce (gloo has no AVG)
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         flat = torch.nn.utils.parameters_to_vector(grads)
         dist.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat.div_(world), grads)  # each gradient becomes a view of `flat`
+        # each gradient becomes a view of `flat`
+        torch.nn.utils.vector_to_parameters(flat.div_(world), grads)
     return loss, saved
 
 
@@ -346,28 +374,34 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     weights, optimizer state and buffers (BatchNorm's running statistics) stay as they were.
     -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host sync."""
     device = model.logit_scale.device
-    images = data.normalize(images.to(device, non_blocking=True))  # pixels in 0..255 -> CLIP's input
+    # pixels in 0..255 -> CLIP's input
+    images = data.normalize(images.to(device, non_blocking=True))
     tokens = tokens.to(device, non_blocking=True)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
-        images = images.contiguous(memory_format=torch.channels_last)  # the ResNet's convolutions on tensor cores
+        # the ResNet's convolutions on tensor cores
+        images = images.contiguous(memory_format=torch.channels_last)
     before = [b.clone() for b in model.buffers()]
     if args.accum_steps > 1:
-        loss, after = grad_cache_backward(args, net, images, tokens, ctx, scaler, world)
+        loss, after = grad_cache_backward(args, model, net, images, tokens, ctx, scaler, world)
     else:
         with ctx:
             x, y = net(images, tokens)
-        after = [b.clone() for b in model.buffers()]  # checkpointing's recompute in the backward changes them again
+        # checkpointing's recompute in the backward changes them again
+        after = [b.clone() for b in model.buffers()]
         loss = compute_loss(args, model, x, y)
         scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # fp16: the gradients' true values, inf where they overflowed (else nothing to do)
+    # fp16: the gradients' true values, inf where they overflowed (else nothing to do)
+    scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     finite = torch.isfinite(loss.detach() + grad_norm).float()
     if world > 1:  # not finite on any rank: the step is skipped everywhere
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    optimizer.found_inf = 1 - finite  # fused AdamW leaves weights and moments untouched when this is 1
+    # fused AdamW leaves weights and moments untouched when this is 1
+    optimizer.found_inf = 1 - finite
     optimizer.step()
     scaler.update()  # fp16: a smaller loss scale after an overflow
-    for buffer, old, new in zip(model.buffers(), before, after):  # statistics advance once a step, or not at all
+    # statistics advance once a step, or not at all
+    for buffer, old, new in zip(model.buffers(), before, after):
         buffer.copy_(torch.where(finite.bool(), new, old))
     if model.logit_scale.requires_grad:  # CLIP's and CLOOB's (official code) clamp: 1/T in [1, 100]
         with torch.no_grad():
@@ -380,12 +414,6 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, by device-name substring (first match); MFU is left out for fp32
 PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}
-
-
-def peak_tflops(device, precision):
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 
 def flops_per_sample(config):
@@ -408,17 +436,20 @@ def bench(args, model, device, world):
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     c = model.config
     images = torch.zeros(args.batch_size, 3, c.image_resolution, c.image_resolution, dtype=torch.uint8, device=device)
-    tokens = torch.full((args.batch_size, c.context_length), c.vocab_size - 1, device=device)  # every position used
+    # every position used
+    tokens = torch.full((args.batch_size, c.context_length), c.vocab_size - 1, device=device)
     step = partial(train_step, args, model, net, optimizer, scaler, ctx, images, tokens, world)
     for _ in range(5):
         step()
     timer = torch.utils.benchmark.Timer("step()", globals=dict(step=step), num_threads=torch.get_num_threads())
-    seconds, flops, peak = timer.timeit(args.steps).mean, flops_per_sample(c), peak_tflops(device, args.precision)
-    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: the process's peak RSS
+    seconds, flops = timer.timeit(args.steps).mean, flops_per_sample(c)
+    name, peak = "cpu", None
+    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
     if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated(device)
-    result = dict(vars(args), step_ms=seconds * 1e3, samples_per_s=args.batch_size / seconds,
-                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        name, memory = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device)
+    if args.precision != "fp32":  # bf16/fp16 tensor-core peaks
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    result = dict(vars(args), step_ms=seconds * 1e3, samples_per_s=args.batch_size / seconds, device=name,
                   flops_per_sample=flops, peak_memory_gib=memory / 2 ** 30,
                   mfu=flops * args.batch_size / seconds / (peak * 1e12) if peak else None)
     print(json.dumps(result))
@@ -445,10 +476,11 @@ def train(args, rank, world, device):
     if start >= total:  # a requeued job whose run has finished is not a failure
         print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    tasks = None  # --zeroshot-data, or on synthetic data the held-out set: at zeroshot.py's batch size
+    # --zeroshot-data, or on synthetic data the held-out set: at zeroshot.py's batch size
+    tasks = None
     if args.zeroshot_data or args.train_data == "synthetic":
         where = args.zeroshot_data or "synthetic"
-        tasks = zeroshot.benchmark(where, model.config.image_resolution, workers=args.workers, seed=args.seed)[:2]
+        tasks = zeroshot.benchmark(where, model.config.image_resolution, workers=args.workers, seed=args.seed)
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -466,8 +498,6 @@ def train(args, rank, world, device):
         waiting += time.time() - wait
         skipped += batch_skipped
         loss, taken = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
-        if step == start and args.compile:
-            print0(rank, f"first step, with torch.compile's compilation: {time.time() - t0:.1f} s")
         streak, nonfinite, done = (streak + 1) * (1 - taken), nonfinite + 1 - taken, step + 1
         if done % args.log_every == 0 or done == total:
             stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
@@ -493,7 +523,8 @@ def train(args, rank, world, device):
         stop = int(stop)
         save_now = done % args.save_every == 0 or done == total or stop
         evaluate_now = (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total
-        if world > 1 and (save_now or evaluate_now):  # without --sync-bn, each rank's BatchNorm statistics drift
+        # without --sync-bn, each rank's BatchNorm statistics drift
+        if world > 1 and (save_now or evaluate_now):
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
         if save_now and rank == 0:
@@ -522,12 +553,15 @@ def main(argv=None):
         if args.bench:
             return bench(args, build_model(args, device)[0], device, world)
         code = train(args, rank, world, device)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # ours; from a loader worker: its last line
+    # ours; from a loader worker: its last line
+    except (OSError, ValueError, FloatingPointError) as e:
         print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        traceback.clear_frames(e.__traceback__)  # frees the loader now: shut down by gc.collect, workers wait 5 s
+        # frees the loader now: shut down by gc.collect, workers wait 5 s
+        traceback.clear_frames(e.__traceback__)
         code = 1
     finally:
-        gc.collect()  # the DDP wrapper lives in reference cycles: free it while its process group is still alive
+        # the DDP wrapper lives in reference cycles: free it while its process group is still alive
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
     if code:
@@ -535,6 +569,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    for s in STOP_SIGNALS:  # from here on a stop signal is a request: the loop saves after its step and returns
+    # from here on a stop signal is a request: the loop saves after its step and returns
+    for s in STOP_SIGNALS:
         signal.signal(s, lambda number, frame: RECEIVED.append(number))
     main()
