@@ -224,7 +224,6 @@ class ResidualAttentionBlock(nn.Module):
         q, k, v = qkv.chunk(3, dim=-1)
         # [B, heads, L, D/heads]
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q[rows], k, v))
-        # [B, heads, L, D/heads]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         x = x[rows] + self.attn.out_proj(out.transpose(1, 2).flatten(2))
         return x + self.mlp(self.ln_2(x))

@@ -438,7 +438,8 @@ def _grad_cache(model, images, tokens, rows, world):
     """train.py's gradient caching, 2 micro-batches, on `rows` -> the loss averaged over the ranks."""
     args = train.parse_args(["--batch-size", str(len(rows)), "--accum-steps", "2"])
     off = torch.amp.GradScaler("cpu", enabled=False)
-    loss, _ = train.grad_cache_backward(args, model, model, images[rows], tokens[rows], contextlib.nullcontext(), off, world)
+    ctx = contextlib.nullcontext()
+    loss, _ = train.grad_cache_backward(args, model, model, images[rows], tokens[rows], ctx, off, world)
     if world > 1:
         dist.all_reduce(loss)
     return loss.item() / world
@@ -454,7 +455,8 @@ def _skipped_step(rank, flags):
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(rank)) * 255
     tokens = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(rank))
     tokens[:, 20] = 257
-    _, finite = train.train_step(args, model, net, optimizer, scaler, ctx, images * (math.inf if rank else 1), tokens, 2)
+    images = images * (math.inf if rank else 1)
+    _, finite = train.train_step(args, model, net, optimizer, scaler, ctx, images, tokens, 2)
     unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     moments = [s["exp_avg"] for s in optimizer.state.values()]
     del net  # DDP's reducer lives in reference cycles: freed after its process group, gloo aborts the process
@@ -721,14 +723,15 @@ def test_our_checkpoints_are_laid_out_for_openclip(tmp_path):
 def test_a_hand_made_checkpoint_loads_with_defaults(tmp_path, capsys):
     """{"state_dict", "config"}: a CLIP model, its tokenizer told by the vocabulary (258 ids: bytes)."""
     for config, tokenizer in ((MICRO, "clip"), (dataclasses.replace(MICRO, vocab_size=258), "bytes")):
-        torch.save({"state_dict": cloob.CLIP(config).state_dict(), "config": dataclasses.asdict(config)}, tmp_path / "m.pt")
+        ckpt = {"state_dict": cloob.CLIP(config).state_dict(), "config": dataclasses.asdict(config)}
+        torch.save(ckpt, tmp_path / "m.pt")
         loaded, info = cloob.load_model(str(tmp_path / "m.pt"))
         assert info["method"] == "clip" and info["tokenizer"] == tokenizer and info["config"] == config
     Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "red.png")
     r = zeroshot.main(["--model", str(tmp_path / "m.pt"), "--image", str(tmp_path / "red.png"), "--labels", "red,blue"])
     assert sum(r[str(tmp_path / "red.png")].values()) == pytest.approx(1)
-    torch.save({"state_dict": cloob.CLIP(MICRO).state_dict(), "config": dataclasses.asdict(MICRO), "tokenizer": "bytes"},
-               tmp_path / "m.pt")  # says bytes; holds 32 ids
+    ckpt = {"state_dict": cloob.CLIP(MICRO).state_dict(), "config": dataclasses.asdict(MICRO), "tokenizer": "bytes"}
+    torch.save(ckpt, tmp_path / "m.pt")  # says bytes; holds 32 ids
     with pytest.raises(SystemExit):
         zeroshot.main(["--model", str(tmp_path / "m.pt"), "--image", str(tmp_path / "red.png"), "--labels", "red,blue"])
     assert "zeroshot.py: error: bytes tokenizer: 258 ids; the model has 32" in capsys.readouterr().err
@@ -743,7 +746,8 @@ def test_preprocess_resizes_shorter_side_and_centre_crops():
     pixels = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)  # h=20, w=40: already the right short side
     out = data.preprocess(Image.fromarray(pixels), 20)
     assert out.shape == (3, 20, 20) and out.dtype == torch.float32
-    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])  # OpenAI's
+    # OpenAI's
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
     expected = (pixels[:, 10:30] / 255 - mean) / std
     assert np.allclose(out.numpy(), expected.transpose(2, 0, 1), atol=1e-6)
     grey = Image.new("L", (90, 45), 128)  # grey, non-square, needs resizing: every pixel is 128/255 normalised
@@ -826,6 +830,11 @@ def test_global_batches_do_not_depend_on_world_size():
     one = next(iter(data.global_batches(40, 8, seed=1, accum_steps=2)))
     two = [next(iter(data.global_batches(40, 4, rank=r, world=2, seed=1, accum_steps=2))) for r in range(2)]
     assert one == two[0][:2] + two[1][:2] + two[0][2:] + two[1][2:]
+    # each epoch is a new permutation of all samples, keyed by its steps
+    batches = data.global_batches(40, 8, seed=1)
+    epochs = [[key for _ in range(5) for key in next(batches)] for _ in range(2)]
+    assert [sorted(i for _, i in keys) for keys in epochs] == [list(range(40))] * 2
+    assert [i for _, i in epochs[0]] != [i for _, i in epochs[1]] and {s for s, _ in epochs[1]} == set(range(5, 10))
 
 
 def test_csv_files_as_spreadsheets_write_them(tmp_path, capsys):
@@ -938,9 +947,9 @@ def test_a_loader_worker_with_fewer_samples_than_a_batch_stops_the_run(tmp_path)
         [next(batches) for _ in range(8)]
     traceback.clear_frames(e.tb)  # the loader's workers end now (shut down later by gc.collect, they wait 5 s)
     del batches
-    assert "the brace range {00003..00000} is empty" in one_line_error(data.expand_braces, "x/{00003..00000}.tar")
-    assert "a brace range with a step ({000..010..2}) is not supported" in one_line_error(
-        data.expand_braces, "x/{000..010..2}.tar")
+    assert data.expand_braces("x/{00003..00000}.tar") == [] and "0 shards for 1 ranks" in one_line_error(
+        data.TarShards, "x/{00003..00000}.tar", 4)
+    assert data.expand_braces("x/{000..010..2}.tar") == ["x/{000..010..2}.tar"]  # a step: not a range
 
 
 # ---------------------------------------------------------------------------------------------------- the step
@@ -1071,7 +1080,8 @@ def test_gradient_caching_equals_the_big_batch_gradient(method):
                 train.compute_loss(args, model, *model(images, tokens)).backward()
             else:
                 train.grad_cache_backward(
-                    args, model, model, images, tokens, contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), 1
+                    args, model, model, images, tokens, contextlib.nullcontext(),
+                    torch.amp.GradScaler("cpu", enabled=False), 1
                 )
         grads[k] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         peaks[k] = hooks.peak
@@ -1151,6 +1161,7 @@ def test_bench_times_the_training_step(capsys, monkeypatch):
     r = json.loads(capsys.readouterr().out)
     assert r["accum_steps"] == 2 and r["method"] == "clip"
     assert r["mfu"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12)
+    assert train.main(["--bench", "--batch-size", "8", "--steps", "1"])["mfu"] is None  # no fp32 peak in the table
 
 
 
@@ -1173,13 +1184,13 @@ def test_compiled_model_recompiles_a_bounded_number_of_times_over_caption_length
 
 
 def test_short_synthetic_run_learns(tmp_path):
-    # the demo's defaults (CLOOB), 150 steps of 64: the held-out combinations' colours are learned (seeds 0-3 all
-    # gave 1.00 here; shape takes the demo's 1000 steps of 128)
-    train.main(["--steps", "150", "--warmup", "50", "--batch-size", "64", "--log-every", "50",
-                "--logs-dir", str(tmp_path), "--name", "demo"])
+    # CLIP on the demo's data, 60 steps of 64: the held-out combinations' colours are learned (seeds 0-6 all gave
+    # >= 0.998 here; CLOOB takes about three times the steps, shape the demo's 1000 steps of 128)
+    train.main(["--method", "clip", "--steps", "60", "--warmup", "15", "--lr", "1e-3", "--batch-size", "64",
+                "--log-every", "30", "--logs-dir", str(tmp_path), "--name", "demo"])
     final = metrics(tmp_path / "demo")[-1]
     assert final["zeroshot/colour/top1"] >= 0.9  # chance: 0.2
-    assert losses(tmp_path / "demo")[-1] < 0.8 * 2 * math.log(63) / 30  # from about 2 ln(N-1) / inv_tau
+    assert losses(tmp_path / "demo")[-1] < 0.75 * math.log(64)  # from about ln(N)
 
 
 def test_csv_with_missing_and_corrupt_images_trains_and_reports(tmp_path, capsys):
@@ -1305,6 +1316,7 @@ def test_compile_trains_as_eager(fp32_run, tmp_path, monkeypatch, capsys):
     """--compile with --grad-checkpointing: the fp32 run's losses. Dynamo and AOTAutograd trace the model and its
     checkpointed blocks as on a GPU; inductor's code generation (a minute of C++ builds on a cold CPU cache, and
     Triton on a GPU in any case) is replaced by eager kernels."""
+    torch._dynamo.reset()  # a fresh process's dynamo: no shapes marked dynamic by the recompilation test
     compiled, compile_eagerly = [], partial(torch.compile, backend="aot_eager")
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or compile_eagerly(model))
     train.main([*FAST, "--batch-size", "8", "--steps", "2", "--seed", "1", "--logs-dir", str(tmp_path), "--compile",
@@ -1333,9 +1345,9 @@ def worker_pids(pid):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    """100 steps of 4 without a stop: the checkpoint a stopped or killed run must resume to."""
+    """50 steps of 4 without a stop: the checkpoint a stopped or killed run must resume to."""
     logs = tmp_path_factory.mktemp("straight")
-    train.main([*FAST, "--batch-size", "4", "--steps", "100", "--save-every", "100", "--logs-dir", str(logs),
+    train.main([*FAST, "--batch-size", "4", "--steps", "50", "--save-every", "50", "--logs-dir", str(logs),
                 "--name", "straight"])
     return final_weights(logs / "straight")
 
@@ -1344,7 +1356,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(straight_run, tmp_
     """Ctrl-C (SIGINT) to the whole process group, loader worker included, then SIGTERM, as schedulers send them: the
     step finishes, one whole checkpoint is written, the exit status is 128 + SIGINT. Resumed, the run ends where the
     straight run does, and metrics.jsonl holds each step once."""
-    argv = [*FAST, "--batch-size", "4", "--steps", "100", "--save-every", "100", "--logs-dir", str(tmp_path),
+    argv = [*FAST, "--batch-size", "4", "--steps", "50", "--save-every", "50", "--logs-dir", str(tmp_path),
             "--name", "stopped"]
     run = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--workers", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -1357,18 +1369,18 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(straight_run, tmp_
     stop = re.search(
         r"stopped by SIGINT after step (\d+): saved (\S+); continue with the same command and --resume latest", out
     )
-    assert stop and 3 <= int(stop.group(1)) < 100 and stop.group(2).endswith(f"step_{int(stop.group(1)):07d}.pt")
+    assert stop and 3 <= int(stop.group(1)) < 50 and stop.group(2).endswith(f"step_{int(stop.group(1)):07d}.pt")
     assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "stopped" / "checkpoints" / "*"))] == \
         [os.path.basename(stop.group(2))]  # one whole file, no temp file
     train.main([*argv, "--resume", "latest"])
     resumed = final_weights(tmp_path / "stopped")
-    assert resumed["step"] == 100 and same_weights(resumed["state_dict"], straight_run["state_dict"])
-    assert [e["step"] for e in metrics(tmp_path / "stopped") if "loss" in e] == list(range(1, 101))
+    assert resumed["step"] == 50 and same_weights(resumed["state_dict"], straight_run["state_dict"])
+    assert [e["step"] for e in metrics(tmp_path / "stopped") if "loss" in e] == list(range(1, 51))
 
 
 def test_a_killed_run_resumes_to_the_same_weights(straight_run, tmp_path):
     """SIGKILL mid-run leaves no chance to save: --resume latest continues from the last (atomic) checkpoint."""
-    argv = [*FAST, "--batch-size", "4", "--steps", "100", "--save-every", "3", "--log-every", "10",
+    argv = [*FAST, "--batch-size", "4", "--steps", "50", "--save-every", "3", "--log-every", "10",
             "--logs-dir", str(tmp_path), "--name", "killed"]
     run = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -1377,10 +1389,10 @@ def test_a_killed_run_resumes_to_the_same_weights(straight_run, tmp_path):
         time.sleep(0.02)
     run.kill()
     run.wait()
-    assert os.path.basename(cloob.checkpoints(str(tmp_path / "killed"))[-1]) < "step_0000100.pt"  # killed mid-run
+    assert os.path.basename(cloob.checkpoints(str(tmp_path / "killed"))[-1]) < "step_0000050.pt"  # killed mid-run
     train.main([*argv, "--resume", "latest"])
     resumed = final_weights(tmp_path / "killed")
-    assert resumed["step"] == 100 and same_weights(resumed["state_dict"], straight_run["state_dict"])
+    assert resumed["step"] == 50 and same_weights(resumed["state_dict"], straight_run["state_dict"])
 
 
 def test_torchrun_ranks_stop_together_and_equal_one_process(tmp_path, monkeypatch):
@@ -1505,7 +1517,8 @@ def test_a_run_directory_belongs_to_one_run(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """-> the flags of a finished 2-step run, to resume."""
-    argv = [*FAST, "--batch-size", "4", "--logs-dir", str(tmp_path_factory.mktemp("short")), "--name", "r", "--steps", "2"]
+    logs = str(tmp_path_factory.mktemp("short"))
+    argv = [*FAST, "--batch-size", "4", "--logs-dir", logs, "--name", "r", "--steps", "2"]
     train.main(argv)
     return argv
 
@@ -1592,7 +1605,8 @@ def test_readme_example_gives_zeroshots_probabilities(clip_checkpoint, tmp_path,
     readme = open(os.path.join(HERE, "README.md")).read()
     snippet = re.search(r"```python\n(import torch\n.*?)```", readme, re.S).group(1)
     Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "red.png")
-    snippet = snippet.replace('"ViT-B-32.pt"', repr(clip_checkpoint)).replace('"dog.jpg"', repr(str(tmp_path / "red.png")))
+    snippet = snippet.replace('"ViT-B-32.pt"', repr(clip_checkpoint))
+    snippet = snippet.replace('"dog.jpg"', repr(str(tmp_path / "red.png")))
     capsys.readouterr()
     exec(snippet, {})
     printed = eval(capsys.readouterr().out)  # {label: probability}
@@ -1868,7 +1882,7 @@ def test_bad_flags_are_usage_errors(argv, message, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--train-data", "nope.csv"], "data file not found: nope.csv"),
     (["--train-data", "x/{00000..00003}.tar", "--train-num-samples", "10"], "shard not found"),
-    (["--train-data", "x/{000..010..2}.tar", "--train-num-samples", "10"], "a brace range with a step"),
+    (["--train-data", "x/{000..010..2}.tar", "--train-num-samples", "10"], "shard not found: x/{000..010..2}.tar"),
     (["--resume", "missing.pt"], "checkpoint not found: missing.pt"),
     (["--pretrained", "missing.pt"], "checkpoint not found: missing.pt"),
 ])

@@ -553,16 +553,14 @@ def main(argv=None):
         if args.bench:
             return bench(args, build_model(args, device)[0], device, world)
         code = train(args, rank, world, device)
-    # ours; from a loader worker: its last line
-    except (OSError, ValueError, FloatingPointError) as e:
+    except (OSError, ValueError, FloatingPointError) as e:  # ours; from a loader worker: its last line
         print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        # frees the loader now: shut down by gc.collect, workers wait 5 s
-        traceback.clear_frames(e.__traceback__)
+        traceback.clear_frames(e.__traceback__)  # frees the loader's workers now (at exit they would wait 5 s)
+        gc.collect()
         code = 1
     finally:
-        # the DDP wrapper lives in reference cycles: free it while its process group is still alive
-        gc.collect()
         if dist.is_initialized():
+            gc.collect()  # the DDP wrapper lives in reference cycles: free it while its process group is still alive
             dist.destroy_process_group()
     if code:
         sys.exit(code)

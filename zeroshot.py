@@ -285,7 +285,7 @@ def classify_folder(args, model, tokenizer, device):
     results = evaluate(model, tokenizer, tasks, batches, device, args.batch_size)
     for name, r in results.items():
         top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
-        print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images; {r['skipped']} unreadable, skipped)")
+        print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['skipped']} unreadable)")
         worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)
         print("  per-class top-1, worst first: " + ", ".join(f"{c} {v:.0%}" for v, c in worst[:20]))
     return results

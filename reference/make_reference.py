@@ -35,7 +35,8 @@ from open_clip.push_to_hf_hub import save_for_hf  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPE = os.path.join(HERE, "..", "bpe_simple_vocab_16e6.txt.gz")
 VOCAB = 320
-TEXTS = ["a photo of a dog.", "A Photo Of A DOG!", "a diagram", "an image of a cat sitting on a mat", "itap of a tench.",
+TEXTS = ["a photo of a dog.", "A Photo Of A DOG!", "a diagram", "an image of a cat sitting on a mat",
+         "itap of a tench.",
          "a bad photo of the goldfish.", "a origami great white shark.", "a photo of the large tiger shark.",
          "a hammerhead shark in a video game.", "art of the electric ray.", "It's a dog's life, isn't it?",
          "don't   stop\tbelieving\n", "rock'n'roll", "Hello, World!!!", "naïve café résumé", "Ærøskøbing",
@@ -50,14 +51,16 @@ TEXTS = ["a photo of a dog.", "A Photo Of A DOG!", "a diagram", "an image of a c
 
 # ftfy's character-level fixes (OpenAI runs ftfy.fix_text first): none of these is mojibake, so its encoding repair
 # (not reproduced) leaves them alone; tokenizer_cases() checks that
-FTFY_TEXTS = ["\uff76\uff9e\uff77\uff9e \uff83\uff7d\uff84", "\uff8a\uff9f\uff9d\u3002", "\uffa1\uffa4\uffa7 \uffc2\uffc3",
+FTFY_TEXTS = ["\uff76\uff9e\uff77\uff9e \uff83\uff7d\uff84", "\uff8a\uff9f\uff9d\u3002",
+              "\uffa1\uffa4\uffa7 \uffc2\uffc3",
               "\uffe5100 or \uffe0 or \uffe1", "\uffe2\uffe3\uffe4\uffe6 \uff5f\uff60 \uffe8\uffe9\uffee",
               "\uff28\uff45\uff4c\uff4c\uff4f\u3000\uff37\uff4f\uff52\uff4c\uff44\uff01", "\u0133sbaan \u0132SSEL",
               "\u01c6ungla \u01c4 \u01c5", "\u01c9ubav \u01c7 \u01c8 \u01cc \u01ca \u01cb \u01f3 \u01f1 \u01f2",
               "\ufb05op \ufb06ar \ufb00 \ufb04", "\u0149 what", "fish &amp;amp;amp; chips",
               "&amp;amp;amp;lt;b&amp;amp;amp;gt;", "&amp;amp;quot;hi&amp;amp;quot;", "a <b>bold</b> &amp;amp;amp; more",
               "line &amp;amp;amp; one\nline <two> &amp;amp;amp; three\nline &amp;amp;amp; four",
-              "&EACUTE;T&EACUTE; &NTILDE;", "&#59; and &#x3b; and &ampx; and &amp without", "it&#x2019;s &hellip; &#8220;x&#8221;",
+              "&EACUTE;T&EACUTE; &NTILDE;", "&#59; and &#x3b; and &ampx; and &amp without",
+              "it&#x2019;s &hellip; &#8220;x&#8221;",
               "&#xff76;&#xff9e; &amp;#xff21;", "\x1b[31mred\x1b[0m text", "\x1b[1;32mbold\x1b[0m and \x1b[Kclear",
               "\x93quoted\x94 and it\x92s", "dots\x85 euro \x80 dash \x96", "undefined \x81\x8d\x8f\x90\x9d bytes",
               "\ufeffa photo", "a\ufeffb\ufeff", "a\x00b\x07c\x08d", "tab\tand\x0bvtab\x0cform", "\x7fdel \x1bbare esc",
@@ -91,8 +94,8 @@ def tokens(n, context, seed):
     rows = torch.zeros(n, context, dtype=torch.long)
     for i in range(n):
         length = int(torch.randint(1, context - 1, (1,), generator=g))
-        rows[i, :length + 2] = torch.cat([torch.tensor([VOCAB - 2]), torch.randint(1, VOCAB - 2, (length,), generator=g),
-                                          torch.tensor([VOCAB - 1])])
+        ids = torch.randint(1, VOCAB - 2, (length,), generator=g)
+        rows[i, :length + 2] = torch.cat([torch.tensor([VOCAB - 2]), ids, torch.tensor([VOCAB - 1])])
     return rows
 
 
@@ -116,7 +119,8 @@ def tokenizer_cases():
 
 def openai_models():
     """OpenAI's CLIP(...) in float32, and the ViT as a TorchScript archive laid out as OpenAI's releases."""
-    configs = {"tiny_vit": dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=8),
+    configs = {"tiny_vit": dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64,
+                                vision_patch_size=8),
                "tiny_rn": dict(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=4,
                                vision_patch_size=None)}
     for seed, (name, vision) in enumerate(configs.items()):
@@ -251,7 +255,8 @@ def huggingface_model():
     image, text = images(2, 32, 3), tokens(2, 77, 3)
     features = lambda o: getattr(o, "pooler_output", o)  # transformers 5 returns an output object
     with torch.no_grad():
-        torch.save(dict(images=image, tokens=text, image_features=features(model.get_image_features(pixel_values=image)),
+        image_features = features(model.get_image_features(pixel_values=image))
+        torch.save(dict(images=image, tokens=text, image_features=image_features,
                         text_features=features(model.get_text_features(input_ids=text))), out("hf_tiny_io.pt"))
 
 
