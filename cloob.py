@@ -473,7 +473,7 @@ def gather(x):
     if _distributed():
         x, offset = _AllGather.apply(x), dist.get_rank() * len(x)
     if x.shape[0] < 2:
-        raise ValueError(f"contrastive loss needs a global batch of at least 2 samples, got {x.shape[0]}")
+        raise ValueError(f"a contrastive loss needs a global batch of 2 or more samples, got {len(x)}")
     return x, offset
 
 
@@ -570,7 +570,7 @@ def read_file(path):
     try:
         return read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} cannot be read ({str(e).strip().splitlines()[0][:200]})") from None
+        raise ValueError(f"{path} cannot be read ({str(e).strip().splitlines()[0][:99]})") from None
 
 
 # open_clip_config.json: the entries this model reads or that do not change its outputs, and the few that it
@@ -666,7 +666,7 @@ def _read(path):
         raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     sd = ckpt.get("state_dict", ckpt)
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: no state_dict found; top-level keys: {sorted(map(str, ckpt))[:8]}")
+        raise ValueError(f"{path}: no state_dict; top-level keys: {sorted(map(str, ckpt))[:8]}")
     # ours; a hand-made file may hold only weights and config (tokenizer: by the vocabulary)
     if "config" in ckpt:
         config = ModelConfig(**ckpt["config"])

@@ -343,11 +343,13 @@ def global_batches(num_samples, batch_size, rank=0, world=1, seed=0, start=0, ac
 
 def expand_braces(pattern):
     """'dir/{00000..00003}.tar' -> the 4 paths, zero padding kept (the webdataset / img2dataset convention). One
-    range, without a step; anything else is taken as a file name (and not found)."""
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    range; a step is refused."""
+    m = re.search(r"\{(\d+)\.\.(\d+)(\.\.\d+)?\}", pattern)
     if not m:
         return [pattern]
-    lo, hi = m.groups()
+    lo, hi, step = m.groups()
+    if step:
+        raise ValueError(f"{pattern}: a brace range with a step ({m.group()}) is not supported")
     return [pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():] for i in range(int(lo), int(hi) + 1)]
 
 

@@ -405,7 +405,7 @@ def test_cloob_loss_is_invariant_to_batch_order():
 @pytest.mark.parametrize("loss_fn,args", [(cloob.cloob_loss, (30.0, 8.0)), (cloob.clip_loss, (100.0,))])
 def test_batch_of_one_is_a_clear_error(loss_fn, args):
     x = F.normalize(torch.randn(1, 8), dim=-1)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="a global batch of 2 or more samples, got 1"):
         loss_fn(x, x, *args)
 
 # ---------------------------------------------------------------------------------------------------- two ranks
@@ -598,7 +598,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         cloob.load_model(str(tmp_path / "random.pt"))
     assert "\n" not in str(e.value)
     torch.save({"foo": 1, "bar": [2]}, tmp_path / "dict.pt")
-    with pytest.raises(ValueError, match="no state_dict found; top-level keys: \\['bar', 'foo'\\]"):
+    with pytest.raises(ValueError, match="no state_dict; top-level keys: \\['bar', 'foo'\\]"):
         cloob.load_model(str(tmp_path / "dict.pt"))
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a CLIP/CLOOB state dict"):
@@ -949,7 +949,8 @@ def test_a_loader_worker_with_fewer_samples_than_a_batch_stops_the_run(tmp_path)
     del batches
     assert data.expand_braces("x/{00003..00000}.tar") == [] and "0 shards for 1 ranks" in one_line_error(
         data.TarShards, "x/{00003..00000}.tar", 4)
-    assert data.expand_braces("x/{000..010..2}.tar") == ["x/{000..010..2}.tar"]  # a step: not a range
+    assert "a brace range with a step ({000..010..2}) is not supported" in one_line_error(
+        data.expand_braces, "x/{000..010..2}.tar")
 
 
 # ---------------------------------------------------------------------------------------------------- the step
@@ -1362,8 +1363,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes_exactly(straight_run, tmp_
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for_steps(tmp_path / "stopped", 3, run)
     os.killpg(run.pid, signal.SIGINT)
-    time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGTERM)
+    os.killpg(run.pid, signal.SIGTERM)  # at once: a later one may find the run saved and exiting, where it kills
     out, err = run.communicate(timeout=60)
     assert run.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
     stop = re.search(
@@ -1824,7 +1824,7 @@ def huge_png(tmp_path_factory):
         (["--image", "{huge}", "--labels", "a,b"], "huge.png: image too large (over Pillow's decompression-bomb limit"),
         (
             ["--image", "{images}/square/broken.jpg", "--labels", "a cat,a dog,a cat"],
-            "--labels: ['a cat'] given twice",
+            "--labels: ['a cat'] repeated",
         ),
         (["--data", "{images}", "--output", "{empty}"], "Is a directory"),
         (["--data", "{images}", "--output", "{empty}/no/r.json"], "No such file or directory"),
@@ -1882,7 +1882,7 @@ def test_bad_flags_are_usage_errors(argv, message, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--train-data", "nope.csv"], "data file not found: nope.csv"),
     (["--train-data", "x/{00000..00003}.tar", "--train-num-samples", "10"], "shard not found"),
-    (["--train-data", "x/{000..010..2}.tar", "--train-num-samples", "10"], "shard not found: x/{000..010..2}.tar"),
+    (["--train-data", "x/{000..010..2}.tar", "--train-num-samples", "10"], "a brace range with a step"),
     (["--resume", "missing.pt"], "checkpoint not found: missing.pt"),
     (["--pretrained", "missing.pt"], "checkpoint not found: missing.pt"),
 ])

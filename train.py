@@ -1,13 +1,13 @@
 """Train CLOOB (default) or CLIP, or time its training step.
-  python train.py                                    # tiny CLOOB on built-in synthetic data, CPU, ~2.5 minutes
+  python train.py                                    # tiny CLOOB on built-in synthetic data, CPU, ~2 minutes
   torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
   python train.py --bench --model ViT-B-16 --batch-size 256 --compile     # step time, samples/s, memory, MFU
 --batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch.
 SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpoint is saved, the run stops.
 
-Defaults differ on synthetic data (the demo: tiny-vit, batch 128, lr 5e-4, 500 warm-up steps, 1 cosine cycle,
+Flags. Defaults differ on synthetic data (the demo: tiny-vit, batch 128, lr 5e-4, 500 warm-up steps, 1 cosine cycle,
 1000 steps, 0 workers) and on real data (the official CLOOB recipe: RN50, 64 per rank (8 GPUs x 64), lr 1e-3,
-20000 warm-up steps, 10 cosine cycles, 70 epochs, 2 workers).
+20000 warm-up steps, 10 cosine cycles, 70 epochs, 2 workers):
   --pretrained PATH      start from any checkpoint cloob.load_model reads (OpenAI, OpenCLIP, HF, CLOOB, ours)
   --gelu                 --pretrained is a bare OpenCLIP state dict of a GELU model (not -quickgelu)
   --tokenizer            default: the checkpoint's; bytes on synthetic data, else clip
@@ -128,7 +128,7 @@ def parse_args(argv=None):
     if args.batch_size % args.accum_steps:
         p.error(f"--accum-steps {args.accum_steps} must divide --batch-size {args.batch_size}")
     if tar != bool(args.train_num_samples) and not synthetic:
-        p.error("--train-num-samples is for tar shards, and they need it (a CSV's epoch is its rows)")
+        p.error("--train-num-samples is for tar shards, and they need it (a CSV's epoch: its rows)")
     return args
 
 
@@ -516,7 +516,7 @@ def train(args, rank, world, device):
             print0(rank, line, run_dir, event)
             if streak >= 5:  # the weights are those before the first of these steps
                 raise FloatingPointError(f"the loss was not finite for {int(streak)} steps in a row (by step {done}); "
-                                         f"last checkpoint: {last_good or 'none'}; try a lower --lr")
+                                         f"last checkpoint: {last_good}; try a lower --lr")
         stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)  # a stop signal's number, or 0
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=cpu_group)
@@ -553,7 +553,7 @@ def main(argv=None):
         if args.bench:
             return bench(args, build_model(args, device)[0], device, world)
         code = train(args, rank, world, device)
-    except (OSError, ValueError, FloatingPointError) as e:  # ours; from a loader worker: its last line
+    except (OSError, ValueError, FloatingPointError) as e:  # ours; a loader worker's: its last line
         print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         traceback.clear_frames(e.__traceback__)  # frees the loader's workers now (at exit they would wait 5 s)
         gc.collect()

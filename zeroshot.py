@@ -6,6 +6,8 @@ OpenCLIP files and hub folders, Hugging Face CLIPModel folders, official CLOOB):
   python zeroshot.py --model ViT-B-32.pt --retrieval coco.csv       # image<->text recall@1/5/10
   torchrun --nproc_per_node=8 zeroshot.py --model ViT-B-32.pt --data imagenet/val   # the images split over 8 GPUs
 train.py's periodic zero-shot evaluation calls evaluate() below.
+
+Flags:
   --model PATH       any checkpoint file or folder load_model reads, or a train.py run directory
   --gelu             --model is a bare OpenCLIP state dict of a GELU model (not -quickgelu)
   --data DIR         image folder with one sub-folder per class, or 'synthetic' (the built-in held-out benchmark)
@@ -223,7 +225,7 @@ def read_templates(spec):
     if spec in TEMPLATES:
         return TEMPLATES[spec]
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--templates: neither {' nor '.join(TEMPLATES)} nor a file: {spec}")
+        raise FileNotFoundError(f"--templates: not {' or '.join(TEMPLATES)}, nor a file: {spec}")
     templates = read_lines(spec)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
@@ -263,8 +265,8 @@ def classify_images(args, model, tokenizer, device):
     if not labels:
         raise ValueError(f"--labels {args.labels!r} names no label")
     if len(set(labels)) < len(labels):
-        raise ValueError(f"--labels: {sorted({x for x in labels if labels.count(x) > 1})} given twice")
-    templates = read_templates(args.templates) if args.templates else ("{}",)  # default: the label alone
+        raise ValueError(f"--labels: {sorted({x for x in labels if labels.count(x) > 1})} repeated")
+    templates = read_templates(args.templates) if args.templates else ("{}",)  # else: the label alone
     w = classifier(model, tokenizer, labels, templates, device)
     transform = partial(data.preprocess, resolution=model.config.image_resolution)
     results = {}
