@@ -125,8 +125,8 @@ def _bytes_to_unicode():
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
-@functools.lru_cache(maxsize=4)
-def _clip_encoding(path):
+@functools.cache
+def _clip_encoding():
     """CLIP's BPE as a tiktoken Encoding. CLIP's `x</w>` (last symbol of a word) becomes the bytes of x plus one
     trailing space: the tokenizer joins pre-split words with spaces, and a space never occurs inside a word,
     so tokens holding a real space byte are unreachable and dropped. Ranks are CLIP's ids, so BPE merge order
@@ -134,7 +134,7 @@ def _clip_encoding(path):
     import tiktoken
     b2u = _bytes_to_unicode()
     u2b = {c: b for b, c in b2u.items()} | {" ": 32}  # CLIP's `</w>` is written as a trailing space
-    merges = gzip.open(path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     symbols = list(b2u.values()) + [c + "</w>" for c in b2u.values()] + ["".join(m.split()) for m in merges]
     ranks = {bytes(u2b[c] for c in s.replace("</w>", " ")): i for i, s in enumerate(symbols)
              if b2u[32] not in s or s == b2u[32]}
@@ -156,7 +156,7 @@ class Tokenizer:
         if encoding == "clip" and not BPE_PATH.is_file():
             raise FileNotFoundError(f"CLIP BPE merges file not found: {BPE_PATH}")
         self.name, self.context_length = encoding, context_length
-        self.enc = _clip_encoding(BPE_PATH) if encoding == "clip" else None
+        self.enc = _clip_encoding() if encoding == "clip" else None
         self.vocab_size = 49408 if self.enc else 258
         self.sot, self.eot = self.vocab_size - 2, self.vocab_size - 1
         self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|"""

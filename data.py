@@ -16,7 +16,7 @@ import numpy as np
 from numpy.random import default_rng
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
-from PIL import Image
+from PIL import Image, ImageDraw
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's RGB normalisation
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,15 +91,9 @@ def random_resized_crop(image, resolution, rng):
 # ---------------------------------------------------------------------------------------------------- synthetic
 
 
-# which points (dx, dy) from the centre lie inside each shape of radius r (y grows downwards)
-INSIDE = {
-    "circle": lambda dx, dy, r: dx ** 2 + dy ** 2 <= r ** 2,
-    "square": lambda dx, dy, r: np.maximum(abs(dx), abs(dy)) <= 0.9 * r,
-    # equilateral, upright
-    "triangle": lambda dx, dy, r: (dy <= 0.6 * r) & (abs(dx) <= (dy + 1.2 * r) * (1.04 / 1.8)),
-    "cross": lambda dx, dy, r: (np.minimum(abs(dx), abs(dy)) <= r / 3) & (np.maximum(abs(dx), abs(dy)) <= r),
-}
-SHAPES = tuple(INSIDE)
+# each shape is a regular polygon: (sides, rotation in degrees), as PIL's ImageDraw.regular_polygon draws it
+POLYGONS = {"circle": (64, 0), "square": (4, 0), "triangle": (3, 0), "diamond": (4, 45)}
+SHAPES = tuple(POLYGONS)
 COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 75, 225),
            "yellow": (235, 215, 30), "purple": (145, 50, 185)}
 SIZES = {"small": 0.26, "large": 0.34}  # radius as a fraction of the image side
@@ -126,8 +120,8 @@ def is_heldout(shape, colour, position):
 
 
 class Synthetic(Dataset):
-    """Captioned images of coloured shapes, rendered a batch at a time with array operations, deterministic per
-    index. split="train": the 80 seen shape/colour/position triples; split="heldout": the 20 unseen ones.
+    """Captioned images of coloured shapes (backgrounds made a batch at a time with array operations), deterministic
+    per index. split="train": the 80 seen shape/colour/position triples; split="heldout": the 20 unseen ones.
     Indexed by a list of (step, index) keys, as data.global_batches makes them: -> (images, captions, skipped)."""
 
     def __init__(self, size, resolution=32, split="train", seed=0):
@@ -145,7 +139,7 @@ class Synthetic(Dataset):
 
     def render(self, indices):
         """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""
-        R, n = self.resolution, len(indices)
+        R = self.resolution
         rngs = [default_rng([self.seed, idx, self.heldout]) for idx in indices]
         # [n, 10]: all but noise and caption
         u = np.stack([rng.random(10, dtype=np.float32) for rng in rngs])
@@ -164,16 +158,13 @@ class Synthetic(Dataset):
         noise = np.stack([rng.random((R, R, 3), dtype=np.float32) for rng in rngs])  # [n, R, R, 3]
         # [n, R, R, 3]
         background = (40 + 140 * u[:, 9, None, None] + 50 * slope)[..., None] + 40 * noise
-        # the shape's coverage of each pixel, from 2 x 2 sub-pixel samples (smooth edges)
-        grid = (np.arange(2 * R, dtype=np.float32) + 0.5) / (2 * R)
-        dx = grid[None, None, :] - centre[:, 0, None, None]  # [n, 1, 2R]
-        dy = grid[None, :, None] - centre[:, 1, None, None]  # [n, 2R, 1]
-        r = radius[:, None, None]
-        is_shape = [np.array(shape)[:, None, None] == name for name in INSIDE]
-        inside = np.select(is_shape, [test(dx, dy, r) for test in INSIDE.values()])  # [n, 2R, 2R]
-        # [n, R, R, 1]: covered
-        alpha = inside.reshape(n, R, 2, R, 2).mean(axis=(2, 4), dtype=np.float32)[..., None]
-        pixels = background + alpha * (fill[:, None, None, :] - background)  # [n, R, R, 3]
+        # the shape's coverage of each pixel: drawn at twice the size, then each 2 x 2 block averaged (smooth edges)
+        alpha = []
+        for name, (x, y), r in zip(shape, centre.tolist(), radius.tolist()):
+            canvas = Image.new("L", (2 * R, 2 * R))
+            ImageDraw.Draw(canvas).regular_polygon((2 * R * x, 2 * R * y, 2 * R * r), *POLYGONS[name], fill=255)
+            alpha.append(np.asarray(canvas.reduce(2), np.float32)[..., None] / 255)  # [R, R, 1]
+        pixels = background + np.stack(alpha) * (fill[:, None, None, :] - background)  # [n, R, R, 3]
         captions = list(map(self.caption, rngs, shape, colour, size, position))
         labels = dict(shape=np.array([SHAPES.index(s) for s in shape]),
                       colour=np.array([list(COLOURS).index(c) for c in colour]))
@@ -350,7 +341,7 @@ def expand_braces(pattern):
     lo, hi, step = m.groups()
     if step:
         raise ValueError(f"{pattern}: a brace range with a step ({m.group()}) is not supported")
-    return [pattern[:m.start()] + str(i).zfill(len(lo)) + pattern[m.end():] for i in range(int(lo), int(hi) + 1)]
+    return [pattern.replace(m.group(), str(i).zfill(len(lo)), 1) for i in range(int(lo), int(hi) + 1)]
 
 
 def tar_samples(path):
@@ -421,7 +412,7 @@ class TarShards(IterableDataset):
                         rng = default_rng([self.seed, step, len(images), self.rank])
                         try:
                             crop = partial(random_resized_crop, resolution=self.resolution, rng=rng)
-                            image, caption = load_sample((image and io.BytesIO(image), caption, {}), crop)
+                            image, caption = load_sample((io.BytesIO(image) if image else None, caption, {}), crop)
                         except ValueError as e:
                             skipped[str(e)] += 1
                             continue

@@ -43,6 +43,23 @@ MICRO = cloob.ModelConfig(embed_dim=16, image_resolution=16, vision_layers=1, vi
 # train.py flags for short runs of the tiny ViT on synthetic data
 FAST = ["--model", "tiny-vit", "--workers", "0", "--log-every", "1", "--warmup", "2", "--lr", "1e-3"]
 CPU = torch.device("cpu")
+BENCHMARKS = {}  # arguments -> the synthetic held-out benchmark
+
+
+@pytest.fixture(autouse=True)
+def synthetic_benchmark_made_once(monkeypatch):
+    """Every synthetic run ends with a zero-shot evaluation on 500 rendered images: render them once per set of
+    arguments for the whole suite (a fifth of a second each time otherwise). evaluate() only reads the batches."""
+    benchmark = zeroshot.benchmark
+
+    def made_once(where, *args, **kwargs):
+        key = (where, *args, *sorted(kwargs.items()))
+        if where != "synthetic" or dist.is_initialized():
+            return benchmark(where, *args, **kwargs)
+        if key not in BENCHMARKS:
+            BENCHMARKS[key] = benchmark(where, *args, **kwargs)
+        return BENCHMARKS[key]
+    monkeypatch.setattr(zeroshot, "benchmark", made_once)
 
 
 def ref(name):
@@ -159,11 +176,11 @@ def eval_folder(tmp_path_factory):
     model.set_temperature(30.0, learnable=False)
     cloob.save_checkpoint(str(root / "run" / "checkpoints" / "step_0000005.pt"), model, "bytes", "cloob", inv_tau=30.0)
     rows = ["filepath,title"]
-    for d in ("cross", "square"):
+    for d in ("diamond", "square"):
         for j, f in enumerate(sorted(os.listdir(root / "images" / d))):
             spellings = [f"images/{d}/{f}", f"./images/{d}//{f}", str(root / "images" / d / f)]
             rows += [f"{spellings[j % 3]},a {d}", f"{spellings[(j + 1) % 3]},one {d} number {j}"]
-    (root / "pairs.csv").write_text("\n".join(rows + ["missing.png,a ghost", "images/cross/x.png,"]) + "\n")
+    (root / "pairs.csv").write_text("\n".join(rows + ["missing.png,a ghost", "images/diamond/x.png,"]) + "\n")
     return root
 
 
@@ -818,6 +835,17 @@ def test_synthetic_data_is_deterministic_and_holds_out_combinations():
 
 
 
+def test_synthetic_shapes_are_drawn_where_and_as_their_captions_say():
+    pixels, captions, _ = data.Synthetic(200, 32).render(range(200))
+    saturated = pixels.max(-1) - pixels.min(-1) > 80  # [n, R, R]: the coloured shape, not the grey background
+    for image, shape, caption in zip(pixels, saturated, captions):
+        ys, xs = np.nonzero(shape)
+        sides = dict(left=xs.mean() < 14, right=xs.mean() > 18, top=ys.mean() < 14, bottom=ys.mean() > 18)
+        assert all(inside for side, inside in sides.items() if side in caption), caption
+        colour = image[shape].mean(0)
+        assert min(data.COLOURS, key=lambda c: np.abs(colour - data.COLOURS[c]).sum()) in caption, caption
+
+
 def test_global_batches_do_not_depend_on_world_size():
     one = iter(data.global_batches(40, 8, seed=1))
     two = [iter(data.global_batches(40, 4, rank=r, world=2, seed=1)) for r in range(2)]
@@ -869,7 +897,7 @@ def test_csv_rows_naming_one_image_file_share_its_id(eval_folder):
     """However its path is spelled (relative, ./, //, absolute), one file is one image."""
     dataset = data.CsvCaptions(str(eval_folder / "pairs.csv"))
     files = [os.path.realpath(item[0]) for item in dataset]
-    assert len(set(files)) == len(set(dataset.image_ids)) == 17  # 15 files, "missing.png", "images/cross/x.png"
+    assert len(set(files)) == len(set(dataset.image_ids)) == 17  # 15 files, "missing.png", "images/diamond/x.png"
     assert all((a == b) == (i == j) for a, i in zip(files, dataset.image_ids) for b, j in zip(files, dataset.image_ids))
 
 
@@ -1155,7 +1183,7 @@ def test_bench_times_the_training_step(capsys, monkeypatch):
     r = train.main(["--bench", "--batch-size", "8", "--steps", "2"])
     assert "step_ms" in capsys.readouterr().out and r["flops_per_sample"] == vit_train_flops(cloob.CONFIGS["tiny-vit"])
     assert r["samples_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3)) and r["mfu"] is None  # no peak known on a CPU
-    assert 0 < r["peak_memory_gib"] < 24
+    assert r["peak_memory_gib"] is None and r["device"] == "cpu"  # the CUDA allocator's peak, on a GPU
     monkeypatch.setattr(train, "PEAK_TFLOPS", {"cpu": 1})  # as if the CPU's bf16 peak were 1 TFLOP/s
     train.main(["--bench", "--batch-size", "8", "--steps", "1", "--accum-steps", "2", "--method", "clip",
                 "--precision", "bf16"])
@@ -1185,8 +1213,8 @@ def test_compiled_model_recompiles_a_bounded_number_of_times_over_caption_length
 
 
 def test_short_synthetic_run_learns(tmp_path):
-    # CLIP on the demo's data, 60 steps of 64: the held-out combinations' colours are learned (seeds 0-6 all gave
-    # >= 0.998 here; CLOOB takes about three times the steps, shape the demo's 1000 steps of 128)
+    # CLIP on the demo's data, 60 steps of 64: the held-out combinations' colours are learned (seeds 0-6 gave
+    # 0.988-1.0 and a loss of 0.62-0.67 ln 64 here; CLOOB takes about three times the steps, shape the demo's 1000)
     train.main(["--method", "clip", "--steps", "60", "--warmup", "15", "--lr", "1e-3", "--batch-size", "64",
                 "--log-every", "30", "--logs-dir", str(tmp_path), "--name", "demo"])
     final = metrics(tmp_path / "demo")[-1]
@@ -1622,20 +1650,18 @@ def test_zeroshot_batched_classifier_equals_direct_computation(eval_folder, tmp_
     result = json.loads(out.read_text())["images"]  # the task is named after the folder
     model, info = cloob.load_model(str(eval_folder / "run" / "checkpoints" / "step_0000005.pt"))
     tok = cloob.Tokenizer(info["tokenizer"], model.config.context_length)
-    names, hits1, hits5, per_class = ["cross", "round disc", "square"], 0, 0, {}
+    names, hits1, hits5 = ["diamond", "round disc", "square"], 0, 0
     with torch.no_grad():  # one text and one image at a time
         w = torch.stack([F.normalize(model.encode_text(tok([f"a photo of a {c}."]))[0], dim=-1) for c in names])
-        for label, folder in enumerate(["cross", "round_disc", "square"]):
+        for label, folder in enumerate(["diamond", "round_disc", "square"]):
             for f in sorted(os.listdir(eval_folder / "images" / folder)):
                 if f.endswith(".png"):
                     image = data.preprocess(Image.open(eval_folder / "images" / folder / f), 16)
                     scores = F.normalize(model.encode_image(image[None])[0], dim=-1) @ w.T
                     hits1 += scores.argmax().item() == label
-                    per_class.setdefault(names[label], []).append(scores.argmax().item() == label)
                     hits5 += label in scores.topk(3).indices.tolist()
     assert result["n"] == 21 and result["skipped"] == 1  # the corrupt file is counted, not fatal
     assert result["top1"] == pytest.approx(hits1 / 21) and result["top5"] == pytest.approx(hits5 / 21)
-    assert result["per_class"] == pytest.approx({c: sum(v) / len(v) for c, v in per_class.items()})
 
 
 
@@ -1645,7 +1671,7 @@ def test_top5_counts_the_fifth_class(eval_folder):
     tok, names = cloob.Tokenizer("bytes", 24), [f"class {i}" for i in range(7)]
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(60, 3, 16, 16, generator=g), torch.randint(0, 7, (60,), generator=g)
-    batches = [(images[i:i + 16], None, {"t": labels[i:i + 16]}, collections.Counter()) for i in range(0, 60, 16)]
+    batches = [(images[i:i + 16], {"t": labels[i:i + 16]}, collections.Counter()) for i in range(0, 60, 16)]
     r = zeroshot.evaluate(model, tok, {"t": (names, ("{}",))}, batches)["t"]
     with torch.no_grad():
         scores = F.normalize(model.encode_image(images), dim=-1) @ F.normalize(model.encode_text(tok(names)), dim=-1).T
@@ -1664,34 +1690,27 @@ def test_zeroshot_clip_tokenizer_checkpoint_through_the_cli(eval_folder, clip_ch
                             env=dict(os.environ, HOME=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert "cloob checkpoint, clip, clip tokenizer" in result.stderr
-    assert "images: top-1" in result.stdout and "per-class top-1, worst first" in result.stdout
+    assert "images: top-1" in result.stdout
     r = json.loads(out.read_text())["images"]
-    assert r["n"] == 21 and set(r["per_class"]) == {"an x", "a circle", "a box"} and 0 <= r["top1"] <= r["top5"] <= 1
+    assert r["n"] == 21 and 0 <= r["top1"] <= r["top5"] <= 1
 
 
 def test_zeroshot_single_images(eval_folder, capsys):
-    paths = [str(eval_folder / "images" / "cross" / sorted(os.listdir(eval_folder / "images" / "cross"))[0]),
+    paths = [str(eval_folder / "images" / "diamond" / sorted(os.listdir(eval_folder / "images" / "diamond"))[0]),
              str(eval_folder / "images" / "square" / sorted(os.listdir(eval_folder / "images" / "square"))[0])]
     results = zeroshot.main(
-        ["--model", str(eval_folder / "run"), "--image", *paths, "--labels", "a cross, a square,a disc"]
+        ["--model", str(eval_folder / "run"), "--image", *paths, "--labels", "a diamond, a square,a disc"]
     )
     model, _ = cloob.load_model(str(eval_folder / "run" / "checkpoints" / "step_0000005.pt"))
     tok = cloob.Tokenizer("bytes", 24)
     with torch.no_grad():
-        y = F.normalize(model.encode_text(tok(["a cross", "a square", "a disc"])), dim=-1)
+        y = F.normalize(model.encode_text(tok(["a diamond", "a square", "a disc"])), dim=-1)
         for path in paths:
             x = F.normalize(model.encode_image(data.preprocess(Image.open(path), 16)[None]), dim=-1)
-            expected = dict(zip(["a cross", "a square", "a disc"], (30.0 * x @ y.T).softmax(-1)[0].tolist()))
+            expected = dict(zip(["a diamond", "a square", "a disc"], (30.0 * x @ y.T).softmax(-1)[0].tolist()))
             assert results[path] == pytest.approx(expected, rel=1e-5, abs=1e-7)
             assert list(results[path]) == sorted(expected, key=expected.get, reverse=True)  # best first
     assert capsys.readouterr().out.count("%") == 6
-
-
-def test_labels_from_a_file_may_hold_commas(eval_folder, tmp_path):
-    (tmp_path / "labels.txt").write_text("a cross, drawn\na square, filled\n")
-    image = str(eval_folder / "images" / "square" / sorted(os.listdir(eval_folder / "images" / "square"))[0])
-    r = zeroshot.main(["--model", str(eval_folder / "run"), "--image", image, "--labels", str(tmp_path / "labels.txt")])
-    assert set(r[image]) == {"a cross, drawn", "a square, filled"} and sum(r[image].values()) == pytest.approx(1)
 
 
 def test_retrieval_recall_with_one_caption_per_image():
@@ -1751,23 +1770,26 @@ def test_zeroshot_retrieval_reads_each_image_once(eval_folder, monkeypatch, caps
     assert {k: v for k, v in r.items() if k != "skipped"} == pytest.approx(expected)
 
 
-def test_zeroshot_classifier_encodes_prompts_in_chunks(eval_folder):
+def test_zeroshot_classifier_is_clips_prompt_ensemble_one_class_at_a_time(eval_folder):
+    """Each class: its 7 prompts encoded, each normalised, averaged, renormalised (OpenAI's notebook), by hand."""
     model, _ = cloob.load_model(str(eval_folder / "run"))
-    tokenizer, names, seen = (
-        cloob.Tokenizer("bytes", model.config.context_length),
-        [f"class {i}" for i in range(50)],
-        [],
-    )
-    whole = zeroshot.classifier(model, tokenizer, names, zeroshot.TEMPLATES["ensemble"], batch_size=10 ** 6)
+    tokenizer, names, seen = cloob.Tokenizer("bytes", model.config.context_length), [f"class {i}" for i in range(9)], []
+    templates = zeroshot.TEMPLATES["ensemble"]
     encode = model.encode_text
     model.encode_text = lambda tokens: seen.append(len(tokens)) or encode(tokens)
-    chunked = zeroshot.classifier(model, tokenizer, names, zeroshot.TEMPLATES["ensemble"], batch_size=64)
-    assert max(seen) <= 64 and sum(seen) == 350 and torch.allclose(chunked, whole, atol=1e-6)
+    w = zeroshot.classifier(model, tokenizer, names, templates)
+    with torch.no_grad():
+        expected = [F.normalize(F.normalize(encode(tokenizer([t.format(c) for t in templates])), dim=-1).mean(0), dim=0)
+                    for c in names]
+    assert seen == [7] * 9 and w.shape == (model.config.embed_dim, 9)
+    assert torch.allclose(w, torch.stack(expected, dim=1), atol=1e-6)
 
 
-def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys):
+def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys, monkeypatch):
+    classifier, candidates = zeroshot.classifier, []
+    monkeypatch.setattr(zeroshot, "classifier", lambda *a: candidates.append(a[2:4]) or classifier(*a))
     nested = tmp_path / "nested"
-    for c in ("cross", "square"):
+    for c in ("diamond", "square"):
         for i, f in enumerate(sorted(os.listdir(eval_folder / "images" / c))):
             os.makedirs(nested / c / f"part{i % 2}", exist_ok=True)
             os.symlink(eval_folder / "images" / c / f, nested / c / f"part{i % 2}" / f)
@@ -1775,9 +1797,11 @@ def test_zeroshot_folders_labels_and_templates(eval_folder, tmp_path, capsys):
     (tmp_path / "t.txt").write_text("a {} with {curly} braces\n")
     r = zeroshot.main(["--model", str(eval_folder / "run"), "--data", str(nested), "--workers", "0", "--templates",
                        str(tmp_path / "t.txt")])
-    assert "per-class top-1, worst first" in capsys.readouterr().out
-    r = r["nested"]  # the task is named after the folder
-    assert r["n"] == 14 and r["skipped"] == 1 and r["per_class"]["empty class"] is None  # images at any depth
+    assert "nested: top-1" in capsys.readouterr().out  # the task is named after the folder
+    r = r["nested"]
+    assert r["n"] == 14 and r["skipped"] == 1  # images at any depth
+    # a class folder without images stays a candidate; the template file's other braces are text
+    assert candidates == [(["diamond", "empty class", "square"], ["a {} with {curly} braces"])]
     with pytest.raises(SystemExit):
         zeroshot.main(["--model", str(eval_folder / "run"), "--image", "x.png", "--labels", ",, ,"])
     assert "zeroshot.py: error: --labels ',, ,' names no label" in capsys.readouterr().err

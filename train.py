@@ -35,7 +35,6 @@ import json
 import math
 import os
 import pathlib
-import resource
 import signal
 import sys
 import threading
@@ -70,7 +69,8 @@ COUNT = checked(int, lambda v: v >= 1, ">= 1")
 NATURAL = checked(int, lambda v: v >= 0, ">= 0")
 POSITIVE = checked(float, lambda v: 0 < v < math.inf, "> 0")
 # on synthetic data, the demo: a long warm-up (half the run) keeps CLOOB from locking in on colour early (README, Train)
-DEMO = dict(model="tiny-vit", batch_size=128, lr=5e-4, warmup=500, restart_cycles=1, steps=1000, workers=0)
+DEMO = dict(model="tiny-vit", batch_size=128, lr=5e-4, warmup=500, restart_cycles=1, steps=1000, workers=0,
+            zeroshot_data="synthetic")
 # on real data, the official CLOOB recipe (Conceptual Captions: 8 GPUs x 64)
 RECIPE = dict(model="RN50", batch_size=64, lr=1e-3, warmup=20000, restart_cycles=10, epochs=70, workers=2)
 
@@ -317,7 +317,8 @@ def prepare(args, model, device, world):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.__class__ = cloob.SyncBatchNorm
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
-        model.visual.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        # faster convolutions on tensor cores; the NCHW images follow (cuDNN's layout is channels_last if the weights')
+        model.visual.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.wd},
               # not gains, biases, temperature
@@ -377,9 +378,6 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     # pixels in 0..255 -> CLIP's input
     images = data.normalize(images.to(device, non_blocking=True))
     tokens = tokens.to(device, non_blocking=True)
-    if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
-        # the ResNet's convolutions on tensor cores
-        images = images.contiguous(memory_format=torch.channels_last)
     before = [b.clone() for b in model.buffers()]
     if args.accum_steps > 1:
         loss, after = grad_cache_backward(args, model, net, images, tokens, ctx, scaler, world)
@@ -443,14 +441,13 @@ def bench(args, model, device, world):
         step()
     timer = torch.utils.benchmark.Timer("step()", globals=dict(step=step), num_threads=torch.get_num_threads())
     seconds, flops = timer.timeit(args.steps).mean, flops_per_sample(c)
-    name, peak = "cpu", None
-    memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak RSS
+    name, peak, memory = "cpu", None, None
     if device.type == "cuda":
-        name, memory = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device)
+        name, memory = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device) / 2 ** 30
     if args.precision != "fp32":  # bf16/fp16 tensor-core peaks
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     result = dict(vars(args), step_ms=seconds * 1e3, samples_per_s=args.batch_size / seconds, device=name,
-                  flops_per_sample=flops, peak_memory_gib=memory / 2 ** 30,
+                  flops_per_sample=flops, peak_memory_gib=memory,
                   mfu=flops * args.batch_size / seconds / (peak * 1e12) if peak else None)
     print(json.dumps(result))
     return result
@@ -476,11 +473,11 @@ def train(args, rank, world, device):
     if start >= total:  # a requeued job whose run has finished is not a failure
         print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    # --zeroshot-data, or on synthetic data the held-out set: at zeroshot.py's batch size
+    # at zeroshot.py's batch size
     tasks = None
-    if args.zeroshot_data or args.train_data == "synthetic":
-        where = args.zeroshot_data or "synthetic"
-        tasks = zeroshot.benchmark(where, model.config.image_resolution, workers=args.workers, seed=args.seed)
+    if args.zeroshot_data:
+        resolution = model.config.image_resolution
+        tasks = zeroshot.benchmark(args.zeroshot_data, resolution, workers=args.workers, seed=args.seed)
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

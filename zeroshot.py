@@ -11,7 +11,7 @@ Flags:
   --model PATH       any checkpoint file or folder load_model reads, or a train.py run directory
   --gelu             --model is a bare OpenCLIP state dict of a GELU model (not -quickgelu)
   --data DIR         image folder with one sub-folder per class, or 'synthetic' (the built-in held-out benchmark)
-  --image FILE...    classify these images against --labels: comma-separated, or a FILE with one label a line
+  --image FILE...    classify these images against --labels (comma-separated)
   --retrieval FILE   CSV/TSV of images and captions (--csv-img-key, --csv-caption-key, --csv-separator, as
                      OpenCLIP's; default separator: tab for .tsv, comma otherwise): image<->text recall@1/5/10
   --classnames FILE  one class name per line, in sorted-folder order (default: the folder names, _ -> space)
@@ -19,7 +19,6 @@ Flags:
   --output FILE      write the results as JSON to this file"""
 import argparse
 import json
-import math
 import os
 import pathlib
 import sys
@@ -50,34 +49,30 @@ def text_features(model, tokenizer, texts, device, batch_size=256):
     """Captions -> L2-normalised float32 features [N, D] on the CPU, batch_size at a time."""
     batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     features = [model.encode_text(tokenizer(batch).to(device)).float().cpu() for batch in batches]
-    return F.normalize(torch.cat([torch.zeros(0, model.config.embed_dim), *features]), dim=-1)
+    return F.normalize(torch.cat(features), dim=-1)
 
 
 @torch.no_grad()
-def classifier(model, tokenizer, classnames, templates, device="cpu", batch_size=256):
+def classifier(model, tokenizer, classnames, templates, device="cpu"):
     """[D, C] weights: for each class, encode every template filled with its name, L2-normalise, average,
-    renormalise (CLIP's prompt ensembling). About batch_size prompts at a time: memory does not grow with C."""
-    step, weights = max(1, batch_size // len(templates)), []
-    for i in range(0, len(classnames), step):
-        names = classnames[i:i + step]
-        prompts = [t.replace("{}", c) for c in names for t in templates]
-        features = text_features(model, tokenizer, prompts, device).unflatten(0, (len(names), -1))  # [classes, T, D]
-        weights.append(F.normalize(features.mean(dim=1), dim=-1))  # [classes, D]
-    return torch.cat(weights).T.to(device)
+    renormalise (CLIP's prompt ensembling). One class at a time, as OpenAI's notebook: memory does not grow with C."""
+    weights = [text_features(model, tokenizer, [t.replace("{}", c) for t in templates], device).mean(dim=0)
+               for c in classnames]
+    return F.normalize(torch.stack(weights, dim=1), dim=0).to(device)  # [D, C]
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, tasks, batches, device="cpu", batch_size=256):
+def evaluate(model, tokenizer, tasks, batches, device="cpu"):
     """Zero-shot classification. tasks: {name: (classnames, templates)}; batches: iterable of (images [B, 3, R, R],
-    captions (unused), {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
+    {name: labels [B]}, Counter of unusable images left out), e.g. loader() or
     benchmark(). Under torch.distributed each rank passes its own share of the images and all get the
     totals.
-    -> {name: {"top1", "top5", "per_class": {class: top1}, "n", "skipped"}}, accuracies as fractions."""
-    weights = {name: classifier(model, tokenizer, *task, device, batch_size) for name, task in tasks.items()}
+    -> {name: {"top1", "top5", "n", "skipped"}}, accuracies as fractions."""
+    weights = {name: classifier(model, tokenizer, *task, device) for name, task in tasks.items()}
     # top-1 hits, top-5 hits, images
-    counts = {name: torch.zeros(3, len(task[0])) for name, task in tasks.items()}
+    counts = {name: torch.zeros(3) for name in tasks}
     skipped = 0
-    for images, _, labels, batch_skipped in batches:
+    for images, labels, batch_skipped in batches:
         skipped += sum(batch_skipped.values())
         if not len(images):
             continue
@@ -86,28 +81,23 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu", batch_size=256):
             y, scores = labels[name], (features @ w).cpu()  # [B], [B, C]
             # classes scoring above the true one
             rank = (scores > scores.gather(1, y[:, None])).sum(dim=1)
-            hits = torch.stack([rank < 1, rank < 5, torch.ones_like(y, dtype=bool)]).float()  # [3, B]
-            counts[name].index_add_(1, y, hits)
+            counts[name] += torch.tensor([(rank < 1).sum(), (rank < 5).sum(), len(y)])
     parts = _all_ranks((counts, skipped))  # every rank's counts, summed
     results = {}
-    for name, (classnames, _) in tasks.items():
-        top1, top5, seen = sum(part[name] for part, _ in parts)  # [C] each
-        per_class = {c: (top1[i] / seen[i]).item() if seen[i] else None for i, c in enumerate(classnames)}
-        n = int(seen.sum())
-        results[name] = dict(top1=top1.sum().item() / max(n, 1), top5=top5.sum().item() / max(n, 1),
-                             n=n, skipped=sum(s for _, s in parts), per_class=per_class)
+    for name in tasks:
+        top1, top5, n = sum(part[name] for part, _ in parts).tolist()
+        results[name] = dict(top1=top1 / max(n, 1), top5=top5 / max(n, 1), n=int(n), skipped=sum(s for _, s in parts))
     return results
 
 # ---------------------------------------------------------------------------------------------------- data
 
 
 def _shard(n):
-    """This rank's share of n items, a contiguous block: evaluation is split over ranks, never done by one while
-    others wait, and the shares of all ranks in rank order are the n items in order."""
+    """This rank's share of n items, every W-th from its rank on: evaluation is split over the W ranks, never done by
+    one while others wait."""
     if not cloob._distributed():
         return slice(0, n)
-    size = math.ceil(n / dist.get_world_size())
-    return slice(dist.get_rank() * size, (dist.get_rank() + 1) * size)
+    return slice(dist.get_rank(), n, dist.get_world_size())
 
 
 def _all_ranks(part):
@@ -122,7 +112,8 @@ def _all_ranks(part):
 def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, templates=None, seed=0):
     """-> (tasks, this rank's batches of their images), for evaluate(). `where`: an
     image folder (one task, named after the folder: its classes, as class_task says), or "synthetic": the built-in
-    benchmark, 500 images of the held-out shape/colour/position triples with their shape and colour tasks."""
+    benchmark, 500 images of the held-out shape/colour/position triples with their shape and colour tasks, in one
+    batch (split over the ranks)."""
     if where != "synthetic":
         folder = data.ImageFolder(where)
         tasks = {folder.task: class_task(folder, classnames, templates)}
@@ -133,26 +124,23 @@ def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, tem
     part = _shard(500)
     images = data.normalize(data.channels_first(pixels[part]))  # [n, 3, R, R]
     labels = {k: torch.from_numpy(v[part]) for k, v in labels.items()}
-    batches = [(images[i:i + batch_size], None, {k: v[i:i + batch_size] for k, v in labels.items()}, Counter())
-               for i in range(0, len(images), batch_size)]
-    return dict(data.ZEROSHOT_TASKS), batches
+    return dict(data.ZEROSHOT_TASKS), [(images, labels, Counter())]
 
 
 def _load_batch(resolution, items):
-    """(image path, caption, labels) items -> (preprocessed images [B, 3, R, R], captions, labels {name: [B]}, Counter
-    of the unusable items left out), in a loader worker."""
-    images, captions, labels, skipped = [], [], [], Counter()
+    """(image path, caption, labels) items -> (preprocessed images [B, 3, R, R], labels {name: [B]}, Counter of the
+    unusable items left out), in a loader worker."""
+    images, labels, skipped = [], [], Counter()
     for item in items:
         try:
-            image, caption = data.load_sample(item, partial(data.preprocess, resolution=resolution))
+            image, _ = data.load_sample(item, partial(data.preprocess, resolution=resolution))
         except ValueError as e:
             skipped[str(e)] += 1
             continue
         images.append(image)
-        captions.append(caption)
         labels.append(item[2])
     images = torch.stack(images) if images else torch.empty(0, 3, resolution, resolution)
-    return images, captions, {k: torch.tensor([x[k] for x in labels]) for k in items[0][2]}, skipped
+    return images, {k: torch.tensor([x[k] for x in labels]) for k in items[0][2]}, skipped
 
 
 def loader(dataset, resolution, batch_size=256, workers=2):
@@ -185,27 +173,27 @@ def retrieval_recall(image_features, text_features, text_image, ks=(1, 5, 10), c
 
 def retrieval(args, model, tokenizer, device):
     """--retrieval: each image of a CSV read and encoded once (rows naming one file share it), each caption of a usable
-    image encoded, then recall@k both ways. Under torch.distributed images and captions are split over the ranks."""
+    image encoded, then recall@k both ways. Under torch.distributed the images are split over the ranks (every rank
+    encodes all captions: they cost little)."""
     dataset = data.CsvCaptions(args.retrieval, args.csv_img_key, args.csv_caption_key, args.csv_separator)
     captioned = [i for i, (_, caption) in enumerate(dataset.rows) if (caption or "").strip()]
     # one row of each captioned image file
     images = {dataset.image_ids[i]: dataset[i] for i in captioned}
     features, skipped = {}, Counter()  # image id -> [D]
     batches = loader(list(images.values()), model.config.image_resolution, args.batch_size, args.workers)
-    for batch, _, labels, batch_skipped in batches:
+    for batch, labels, batch_skipped in batches:
         features.update(zip(labels["image"].tolist(), image_features(model, batch, device).cpu()))
         skipped += batch_skipped
     parts = _all_ranks((features, skipped))
     features = {image: x for part, _ in parts for image, x in part.items()}
-    uncaptioned = Counter("no caption" for _, c in dataset.rows if not (c or "").strip())
+    uncaptioned = Counter({"no caption": len(dataset) - len(captioned)})
     skipped = sum((part for _, part in parts), uncaptioned)
     note = f"; skipped {dict(skipped)}" if skipped else ""
     if not features:
         raise ValueError(f"{args.retrieval}: no usable image{note}")
     column = {image: n for n, image in enumerate(features)}  # image id -> row of x
     rows = [i for i in captioned if dataset.image_ids[i] in column]  # the captions of usable images
-    mine = [dataset.rows[i][1] for i in rows][_shard(len(rows))]
-    y = torch.cat(_all_ranks(text_features(model, tokenizer, mine, device)))  # [N, D]
+    y = text_features(model, tokenizer, [dataset.rows[i][1] for i in rows], device)  # [N, D]
     text_image = torch.tensor([column[dataset.image_ids[i]] for i in rows])
     r = dict(retrieval_recall(torch.stack(list(features.values())), y, text_image), skipped=dict(skipped))
     print(f"{r['images']} images, {r['captions']} captions: " +
@@ -260,8 +248,6 @@ def parse_args(argv=None):
 def classify_images(args, model, tokenizer, device):
     """The classic CLIP demo: softmax over the labels of logit_scale x cosine, per image."""
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if os.path.isfile(args.labels):  # one label a line (labels may hold commas)
-        labels = read_lines(args.labels)
     if not labels:
         raise ValueError(f"--labels {args.labels!r} names no label")
     if len(set(labels)) < len(labels):
@@ -284,12 +270,10 @@ def classify_images(args, model, tokenizer, device):
 def classify_folder(args, model, tokenizer, device):
     tasks, batches = benchmark(args.data, model.config.image_resolution, args.batch_size, args.workers,
                                args.classnames, args.templates)
-    results = evaluate(model, tokenizer, tasks, batches, device, args.batch_size)
+    results = evaluate(model, tokenizer, tasks, batches, device)
     for name, r in results.items():
-        top5 = f"  top-5 {r['top5']:.2%}" if len(r["per_class"]) > 5 else ""  # else trivially 100%
+        top5 = f"  top-5 {r['top5']:.2%}" if len(tasks[name][0]) > 5 else ""  # else trivially 100%
         print(f"{name}: top-1 {r['top1']:.2%}{top5}  ({r['n']} images, {r['skipped']} unreadable)")
-        worst = sorted((v, c) for c, v in r["per_class"].items() if v is not None)
-        print("  per-class top-1, worst first: " + ", ".join(f"{c} {v:.0%}" for v, c in worst[:20]))
     return results
 
 
