@@ -290,7 +290,8 @@ def class_task(folder, classnames=None, templates=None):
 
 @torch.no_grad()
 def main(argv=None):
-    """Under torchrun the images are split over the ranks (NCCL or gloo); rank 0 alone prints and writes --output."""
+    """Under torchrun --data and --retrieval split the images over the ranks (NCCL or gloo); rank 0 alone prints and
+    writes --output."""
     args = parse_args(argv)
     own_group = not dist.is_initialized()  # a caller's process group is left as it is
     rank, _, device = cloob.setup_distributed()
