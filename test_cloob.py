@@ -1902,6 +1902,13 @@ def test_numeric_flags_are_checked_when_parsed(argv, capsys):
     assert e.value.code == 2 and ("error: argument" in err or "must divide --batch-size" in err), err
 
 
+@pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--workers", "-1"]])
+def test_zeroshot_numeric_flags_are_checked_when_parsed(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        zeroshot.parse_args(["--model", "m.pt", "--data", "d", *flag])
+    assert e.value.code == 2 and "--batch-size must be >= 1 and --workers >= 0" in capsys.readouterr().err
+
+
 
 @pytest.mark.parametrize("argv,message", [
     (["--train-data", "data.parquet"], "expected synthetic, a .csv/.tsv file or .tar/.tar.gz shards"),
