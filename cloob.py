@@ -319,9 +319,12 @@ class ModifiedResNet(nn.Module):
 
     def __init__(self, layers, output_dim, heads, resolution=224, width=64):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width // 2)
-        self.conv2, self.bn2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2)
-        self.conv3, self.bn3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
         inplanes, self.grad_checkpointing = width, False
         for i, blocks in enumerate(layers):
@@ -568,7 +571,9 @@ def read_file(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return read_safetensors(path) if path.endswith(".safetensors") else torch.load(path, "cpu", weights_only=True)
+        if path.endswith(".safetensors"):
+            return read_safetensors(path)
+        return torch.load(path, "cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} cannot be read ({str(e).strip().splitlines()[0][:99]})") from None
 
@@ -623,7 +628,8 @@ def _from_hf(sd, cfg, path):
     for q in [k for k in sd if ".self_attn.q_proj." in k]:
         qkv = [sd.pop(q.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
         sd[q.replace("self_attn.q_proj.", "attn.in_proj_")] = torch.cat(qkv)
-    sd["text_projection"], sd["visual.proj"] = sd.pop("text_projection.weight").T, sd.pop("visual_projection.weight").T
+    sd["text_projection"] = sd.pop("text_projection.weight").T
+    sd["visual.proj"] = sd.pop("visual_projection.weight").T
     return sd, dict(quick_gelu=act == {"quick_gelu"}, transformer_heads=text.get("num_attention_heads", 8),
                     vision_heads=vision.get("num_attention_heads", 12))
 

@@ -56,7 +56,8 @@ def preprocess(image, resolution):
     image = image.resize((w, h), Image.BICUBIC)
     # as torchvision's CenterCrop
     left, top = round((w - resolution) / 2), round((h - resolution) / 2)
-    return normalize(channels_first(to_rgb(image.crop((left, top, left + resolution, top + resolution)))))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return normalize(channels_first(to_rgb(image)))
 
 
 def crop_box(width, height, rng):
@@ -410,9 +411,10 @@ class TarShards(IterableDataset):
                             found, skip = found + usable, skip - usable
                             continue
                         rng = default_rng([self.seed, step, len(images), self.rank])
+                        file = io.BytesIO(image) if image else None
                         try:
                             crop = partial(random_resized_crop, resolution=self.resolution, rng=rng)
-                            image, caption = load_sample((io.BytesIO(image) if image else None, caption, {}), crop)
+                            image, caption = load_sample((file, caption, {}), crop)
                         except ValueError as e:
                             skipped[str(e)] += 1
                             continue

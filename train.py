@@ -250,7 +250,8 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             continue
         if not isinstance(ckpt, dict) or not {"args", "optimizer"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
-        ours, theirs = dict(vars(args), **asdict(model.config)), dict(ckpt["args"], **ckpt["config"])
+        ours = dict(vars(args), **asdict(model.config))
+        theirs = dict(ckpt["args"], **ckpt["config"])
         keys = [*ckpt["config"], *RESUME_KEYS, *(CLOOB_KEYS if args.method == "cloob" else [])]
         # which shards feed which batch (0 workers read as 1)
         if args.train_data.endswith(data.TAR_EXTS):
@@ -326,7 +327,9 @@ def prepare(args, model, device, world):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=args.eps, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # DDP, then compile (so DDP's buckets become graph breaks); gradient caching does its own all-reduce
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and args.accum_steps == 1 else model
+    net = model
+    if world > 1 and args.accum_steps == 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
     net = torch.compile(net) if args.compile else net
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     return net, optimizer, scaler, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -334,7 +337,9 @@ def prepare(args, model, device, world):
 
 def compute_loss(args, model, x, y):
     scale = model.logit_scale.exp()
-    return cloob.cloob_loss(x, y, scale, args.hopfield_beta) if args.method == "cloob" else cloob.clip_loss(x, y, scale)
+    if args.method == "cloob":
+        return cloob.cloob_loss(x, y, scale, args.hopfield_beta)
+    return cloob.clip_loss(x, y, scale)
 
 
 def grad_cache_backward(args, model, net, images, tokens, ctx, scaler, world):

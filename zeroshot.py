@@ -131,9 +131,10 @@ def _load_batch(resolution, items):
     """(image path, caption, labels) items -> (preprocessed images [B, 3, R, R], labels {name: [B]}, Counter of the
     unusable items left out), in a loader worker."""
     images, labels, skipped = [], [], Counter()
+    transform = partial(data.preprocess, resolution=resolution)
     for item in items:
         try:
-            image, _ = data.load_sample(item, partial(data.preprocess, resolution=resolution))
+            image, _ = data.load_sample(item, transform)
         except ValueError as e:
             skipped[str(e)] += 1
             continue
