@@ -211,7 +211,7 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         # OpenAI's parameters, computed with SDPA
-        self.attn, self.heads = nn.MultiheadAttention(width, heads), heads
+        self.attn = nn.MultiheadAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
@@ -223,7 +223,7 @@ class ResidualAttentionBlock(nn.Module):
         qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)  # [B, L, 3D]
         q, k, v = qkv.chunk(3, dim=-1)
         # [B, heads, L, D/heads]
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q[rows], k, v))
+        q, k, v = (t.unflatten(-1, (self.attn.num_heads, -1)).transpose(1, 2) for t in (q[rows], k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         x = x[rows] + self.attn.out_proj(out.transpose(1, 2).flatten(2))
         return x + self.mlp(self.ln_2(x))
