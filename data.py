@@ -123,7 +123,7 @@ def is_heldout(shape, colour, position):
 class Synthetic(Dataset):
     """Captioned images of coloured shapes (backgrounds made a batch at a time with array operations), deterministic
     per index. split="train": the 80 seen shape/colour/position triples; split="heldout": the 20 unseen ones.
-    Indexed by a list of (step, index) keys, as data.global_batches makes them: -> (images, captions, skipped)."""
+    Indexed by a list of (step, index) keys, as data.global_batches makes them: -> (images, captions, skipped, None)."""
 
     def __init__(self, size, resolution=32, split="train", seed=0):
         self.size, self.resolution, self.seed = size, resolution, seed
@@ -136,7 +136,7 @@ class Synthetic(Dataset):
 
     def __getitem__(self, keys):
         pixels, captions, _ = self.render([idx for _, idx in keys])
-        return channels_first(pixels), captions, Counter()  # float 0..255
+        return channels_first(pixels), captions, Counter(), None  # float 0..255; no stream position
 
     def render(self, indices):
         """-> (RGB pixels as float32 [n, R, R, 3] in 0..255, captions, labels {"shape": [n], "colour": [n]})."""
@@ -285,7 +285,8 @@ def load_sample(item, transform):
 class TrainSet(Dataset):
     """A file dataset's training batches, indexed by a list of (step, index) keys: the crop of a sample is seeded
     by (seed, step, index), so its augmentation does not depend on which rank or worker loads it. An unusable
-    item is replaced by the next usable index (deterministically) and counted. -> (images, captions, skipped)."""
+    item is replaced by the next usable index (deterministically) and counted. -> (images, captions, skipped, None):
+    no stream position (the keys are the position)."""
 
     def __init__(self, dataset, resolution, seed=0):
         self.dataset, self.resolution, self.seed = dataset, resolution, seed
@@ -306,7 +307,7 @@ class TrainSet(Dataset):
                 raise ValueError(f"100 unusable samples in a row from index {idx}: {dict(skipped)}")
             images.append(image)
             captions.append(caption)
-        return torch.stack(images), captions, skipped
+        return torch.stack(images), captions, skipped, None
 
 
 def steps_per_epoch(num_samples, global_batch):
@@ -372,13 +373,16 @@ def tar_samples(path):
 
 class TarShards(IterableDataset):
     """Webdataset-style shards split over ranks and workers without overlap, looped over forever (shard order
-    reshuffled each pass); yields whole batches (images, captions, skipped). A damaged shard is read up to the
-    damage, then skipped and counted by name.
-    DataLoader takes batches from its workers in turn, so step s is made by "slot" s % workers of this rank:
-    worker w of a run resumed at `start` plays slot (start + w) % workers and first skips the batches that
-    slot made before `start` (counting samples without decoding them: exact unless images are corrupt)."""
+    reshuffled each pass); yields whole batches (images, captions, skipped, position). A damaged shard is read up to
+    the damage, then skipped and counted by name.
+    DataLoader takes batches from its workers in turn, so step s is made by "slot" s % workers of this rank. A batch
+    carries its slot's stream position after it: (pass, shard in that pass's order, samples read from the shard,
+    usable samples found in the pass). A run resumed at `start` from `positions` (each slot's after its last batch
+    before `start`; None: from the beginning) has worker w play slot (start + w) % workers from its position: it reads
+    again at most the part of one shard it had read, whatever the step."""
 
-    def __init__(self, pattern, batch_size, resolution=224, rank=0, world=1, seed=0, start=0, workers=1):
+    def __init__(self, pattern, batch_size, resolution=224, rank=0, world=1, seed=0, start=0, workers=1,
+                 positions=None):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
@@ -387,6 +391,7 @@ class TarShards(IterableDataset):
             raise ValueError(f"{len(self.shards)} shards for {world} ranks x {workers} workers each")
         self.batch_size, self.resolution, self.rank = batch_size, resolution, rank
         self.world, self.seed, self.start = world, seed, start
+        self.positions = positions
 
     def __iter__(self):
         info = get_worker_info()
@@ -394,22 +399,23 @@ class TarShards(IterableDataset):
         slot = (self.start + (info.id if info else 0)) % workers
         shards = self.shards[self.rank * workers + slot::self.world * workers]
         step = self.start + (slot - self.start) % workers  # this slot's first step
-        skip = len(range(slot, self.start, workers)) * self.batch_size  # samples it made before `start`
-        images, captions, skipped, found = [], [], Counter(), 0
-        for epoch in range(10 ** 9):
-            # else a batch would hold a sample twice (or, with none, hang)
-            if epoch and found < self.batch_size:
-                raise ValueError(f"{found} usable samples in a pass over the {len(shards)} shards of rank {self.rank}, "
-                                 f"loader worker {slot}: fewer than a batch of {self.batch_size} ({dict(skipped)})")
-            found = 0
-            for shard in default_rng([self.seed, epoch, self.rank, slot]).permutation(shards):
+        position = self.positions[slot] if self.positions else None
+        first_pass, first_shard, read, found = position or (0, 0, 0, 0)
+        images, captions, skipped = [], [], Counter()
+        for epoch in itertools.count(first_pass):
+            if epoch > first_pass:  # else a batch would hold a sample twice (or, with none, hang)
+                if found < self.batch_size:
+                    raise ValueError(f"{found} usable samples in a pass over the {len(shards)} shards of rank "
+                                     f"{self.rank}, loader worker {slot}: fewer than a batch of {self.batch_size} "
+                                     f"({dict(skipped)})")
+                first_shard, read, found = 0, 0, 0
+            order = default_rng([self.seed, epoch, self.rank, slot]).permutation(shards)
+            for j in range(first_shard, len(order)):
                 try:
-                    for image, caption in tar_samples(shard):
-                        caption = None if caption is None else caption.decode("utf-8", "replace")
-                        if skip:  # fast-forward over what this slot made before `start`
-                            usable = image is not None and bool(caption and caption.strip())
-                            found, skip = found + usable, skip - usable
+                    for k, (image, caption) in enumerate(tar_samples(order[j])):
+                        if j == first_shard and k < read:  # read before the position: not decoded again
                             continue
+                        caption = None if caption is None else caption.decode("utf-8", "replace")
                         rng = default_rng([self.seed, step, len(images), self.rank])
                         file = io.BytesIO(image) if image else None
                         try:
@@ -422,7 +428,7 @@ class TarShards(IterableDataset):
                         images.append(image)
                         captions.append(caption)
                         if len(images) == self.batch_size:
-                            yield torch.stack(images), captions, skipped
+                            yield torch.stack(images), captions, skipped, (epoch, j, k + 1, found)
                             images, captions, skipped, step = [], [], Counter(), step + workers
                 except (tarfile.TarError, EOFError, zlib.error):
-                    skipped[f"damaged shard {os.path.basename(shard)}"] += 1
+                    skipped[f"damaged shard {os.path.basename(order[j])}"] += 1

@@ -10,7 +10,9 @@ import io
 import json
 import math
 import os
+import pathlib
 import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -489,7 +491,29 @@ def _skipped_step(rank, flags):
     moments = [s["exp_avg"] for s in optimizer.state.values()]
     del net  # DDP's reducer lives in reference cycles: freed after its process group, gloo aborts the process
     gc.collect()
-    return finite.item(), unchanged and all(m.abs().max() == 0 for m in moments)
+    return finite.min().item(), unchanged and all(m.abs().max() == 0 for m in moments)
+
+
+def _train_on_two_ranks(rank, tmp, argv, stop_at=0):
+    """train.main(argv) on this rank, in a process group of its own; with `stop_at`, rank 1 alone gets SIGTERM during
+    that step. -> (exit status, what it wrote on stderr)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-{argv[-1]}", rank=rank, world_size=2)
+    real, calls = train.train_step, []
+
+    def step_and_maybe_stop(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == stop_at:
+            train.RECEIVED.append(signal.SIGTERM)
+        return real(*args)
+    train.train_step, train.RECEIVED[:] = step_and_maybe_stop, []
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = train.main(argv)
+        except SystemExit as e:
+            code = e.code
+    train.train_step = real
+    return code, err.getvalue()
 
 
 def _two_ranks(rank, tmp, eval_folder):
@@ -497,6 +521,7 @@ def _two_ranks(rank, tmp, eval_folder):
     ranks, in one spawn (each costs seconds to start). Each rank saves what the tests compare with one process."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on the CPU's cores, as torchrun's OMP_NUM_THREADS=1
+    mp.set_start_method("fork", force=True)  # loader workers, as under torchrun (a spawned one imports for seconds)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=2)
     out = {}
     for method in ("clip", "cloob", "sync-bn"):  # DDP, 4 rows a rank
@@ -516,15 +541,26 @@ def _two_ranks(rank, tmp, eval_folder):
     for mode in (["--data", str(eval_folder / "images")], ["--retrieval", str(eval_folder / "pairs.csv")]):
         zeroshot.main(["--model", str(eval_folder / "run"), *mode, "--workers", "0", "--batch-size", "4",
                        "--output", f"{tmp}/{mode[0][2:]}{rank}.json"])
-    torch.save(out, f"{tmp}/out{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # tar shards, 2 ranks x 2 loader workers, 2 batches a pass each: a straight run, and one that rank 1 alone stops
+    # in its third step, then resumed
+    tar = [*FAST, "--train-data", f"{tmp}/shards/{{00000..00003}}.tar", "--train-num-samples", "16", "--tokenizer",
+           "bytes", "--batch-size", "2", "--workers", "2", "--steps", "8", "--logs-dir", tmp, "--name"]
+    out["tar"] = [_train_on_two_ranks(rank, tmp, [*tar, "straight"]), _train_on_two_ranks(rank, tmp, [*tar, "r"], 3),
+                  _train_on_two_ranks(rank, tmp, [*tar, "r", "--resume", "latest"])]
+    # rank 1's shard holds no usable sample
+    bad = [*tar[:-1], "--workers", "0", "--train-data", f"{tmp}/shards/{{00004..00005}}.tar", "--name", "bad"]
+    out["data error"] = _train_on_two_ranks(rank, tmp, bad)
+    torch.save(out, f"{tmp}/out{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, eval_folder):
     """-> (the folder of the two ranks' outputs, [rank 0's results, rank 1's])."""
     tmp = tmp_path_factory.mktemp("ranks")
+    write_shards(tmp / "shards", 5, 4)
+    write_tar(tmp / "shards" / "00005.tar", [(f"{i}.jpg", b"not a jpeg") for i in range(4)])
     mp.spawn(_two_ranks, args=(str(tmp), eval_folder), nprocs=2)
     return tmp, [torch.load(tmp / f"out{rank}.pt", weights_only=True) for rank in range(2)]
 
@@ -571,6 +607,26 @@ def test_a_step_not_finite_on_one_rank_is_skipped_on_both(flags, two_ranks):
     """Rank 1's images are infinite: neither rank takes the step, and on both the weights, BatchNorm's running
     statistics and AdamW's moments are as before (DDP; SyncBatchNorm; gradient caching with SyncBatchNorm)."""
     assert [out["skip"][flags] for out in two_ranks[1]] == [(0.0, True), (0.0, True)]
+
+
+def test_a_stop_on_one_rank_stops_both_and_tar_shards_resume_exactly(two_ranks):
+    """SIGTERM on rank 1 alone: both ranks stop after the same step, rank 0 saves every rank's loader positions, and
+    the resumed run (4 loader slots over 2 passes of their shards) ends with the straight run's weights."""
+    folder, outs = two_ranks
+    assert [out["tar"][1][0] for out in outs] == [128 + signal.SIGTERM] * 2
+    assert [c for out in outs for c, _ in (out["tar"][0], out["tar"][2])] == [None] * 4
+    straight, resumed = final_weights(folder / "straight"), final_weights(folder / "r")
+    assert resumed["step"] == 8 and same_weights(straight["state_dict"], resumed["state_dict"])
+    assert len(metrics(folder / "r")) == 8
+
+
+def test_a_data_error_on_one_rank_is_one_line_on_each(two_ranks):
+    """Rank 1's shard gives no usable sample: it says so in one line; rank 0, whose collective failed, in one line."""
+    (code0, err0), (code1, err1) = [out["data error"] for out in two_ranks[1]]
+    assert code0 == code1 == 1 and "Traceback" not in err0 + err1
+    assert err1.startswith("train.py: error: 0 usable samples in a pass over the 1 shards of rank 1") and \
+        len(err1.splitlines()) == 1
+    assert err0.startswith("train.py: error: ") and len(err0.splitlines()) == 1, err0
 
 
 @pytest.mark.parametrize("mode", ["data", "retrieval"])
@@ -825,7 +881,7 @@ def test_training_crops_change_with_the_step_not_with_the_rank(tmp_path):
     first, later, again = train_set[[(0, 1)]][0], train_set[[(5, 1)]][0], train_set[[(0, 2), (0, 1)]][0]
     assert torch.equal(first[0], again[1]) and not torch.equal(first[0], later[0])
     shards = iter(data.TarShards(write_shards(tmp_path / "shards", 1, 4), 4, 32))
-    (one, captions, _), (two, captions_again, _) = next(shards), next(shards)
+    (one, captions, *_), (two, captions_again, *_) = next(shards), next(shards)
     assert captions == captions_again and not torch.equal(one, two)
 
 
@@ -938,6 +994,38 @@ def test_tar_shards_split_over_ranks_and_workers(tmp_path):
         batches = iter(loader)
         seen.append([c for _ in range(4) for c in next(batches)[1]])  # 4 batches x 3 = one pass over 12 samples
     assert len(set(seen[0])) == 12 and not set(seen[0]) & set(seen[1])
+
+
+def test_tar_shards_resume_from_each_slots_position_reading_at_most_one_shard_again(tmp_path, monkeypatch):
+    """A loader resumed at step k from the positions its slots' last batches before k carried gives the straight
+    run's batches from k on (the same samples, the same crops), with 0, 1 and 2 workers, mid-pass and passes later.
+    Resuming reads again at most what a shard held before the position: the cost does not grow with the step."""
+    pattern = write_shards(tmp_path / "shards", 4, 5)  # batches of 3 straddle shards
+
+    def batches(workers, start=0, positions=None):
+        shards = data.TarShards(pattern, 3, 32, workers=workers, start=start, positions=positions)
+        return iter(torch.utils.data.DataLoader(shards, batch_size=None, num_workers=workers))
+    for workers in (2, 1, 0):
+        slots = max(1, workers)
+        straight = batches(workers)
+        steps = [next(straight) for _ in range(24)]  # 3.6 passes over each slot's shards
+        for k in (7, 22):
+            positions = [steps[max(j for j in range(k) if j % slots == s)][3] for s in range(slots)]
+            resumed = batches(workers, k, positions)
+            for step in range(k, 24):
+                images, captions, _, position = next(resumed)
+                assert captions == steps[step][1] and torch.equal(images, steps[step][0]) and position == steps[step][3]
+    reads, tar_samples = [], data.tar_samples
+
+    def counted(path):  # samples read
+        for sample in tar_samples(path):
+            reads.append(1)
+            yield sample
+    monkeypatch.setattr(data, "tar_samples", counted)
+    for k in (2, 22):  # 0 workers: in the first pass and in the fourth
+        reads.clear()
+        next(batches(0, k, [steps[k - 1][3]]))
+        assert len(reads) <= 5 + 3  # what the position's shard held before it, and a batch
 
 
 def test_tar_sample_without_caption_is_a_missing_caption(tmp_path):
@@ -1053,8 +1141,8 @@ def test_a_skipped_step_leaves_the_model_as_it_was(flags):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: [t.clone() for t in s.values()] for k, s in optimizer.state.items()}
     overflow = 1e6 if "fp16" in flags else math.inf  # 1e6 x 255 is finite in float32, not in float16
-    _, taken = train.train_step(args, model, net, optimizer, scaler, ctx, images * overflow, tokens, 1)
-    assert taken.item() == 0.0
+    _, finite = train.train_step(args, model, net, optimizer, scaler, ctx, images * overflow, tokens, 1)
+    assert finite.tolist() == [0.0, 0.0]  # the loss is not finite
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(torch.equal(a, b) for k, s in optimizer.state.items() for a, b in zip(s.values(), moments[k]))
@@ -1065,8 +1153,8 @@ def test_gradients_that_are_not_finite_skip_the_step():
     args, model, net, optimizer, scaler, ctx, images, tokens = _step_setup([])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.visual.attnpool.c_proj.weight.register_hook(lambda grad: grad * math.nan)
-    loss, taken = train.train_step(args, model, net, optimizer, scaler, ctx, images, tokens, 1)
-    assert torch.isfinite(loss) and taken.item() == 0.0
+    loss, finite = train.train_step(args, model, net, optimizer, scaler, ctx, images, tokens, 1)
+    assert torch.isfinite(loss) and finite.tolist() == [1.0, 0.0]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -1131,17 +1219,32 @@ def test_gradient_caching_equals_the_big_batch_gradient(method):
     assert peaks[4] < 0.3 * peaks[1]  # activations of one micro-batch at a time
 
 
+class Overflow(torch.autograd.Function):
+    """The loss as it is, its gradient infinite: an fp16 overflow of the scaled gradients, with a finite loss."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
 def test_nonfinite_losses_skip_the_step_and_repeated_ones_stop_the_run(tmp_path, monkeypatch, capsys):
+    """A non-finite loss skips its step (weights and AdamW's moments as before); the fifth in a row stops the run at
+    that step whatever --log-every is. fp16 overflows (a finite loss, gradients inf) are GradScaler's calibration:
+    counted apart, never a reason to stop."""
     real, calls = train.compute_loss, []
 
-    def poisoned(args, model, x, y):  # steps listed in `bad` get a NaN loss (and NaN gradients)
+    def poisoned(args, model, x, y):  # steps listed in `bad` get a NaN loss, those in `overflow` infinite gradients
         calls.append(1)
-        return real(args, model, x, y) * (float("nan") if len(calls) in bad else 1.0)
+        loss = real(args, model, x, y) * (float("nan") if len(calls) in bad else 1.0)
+        return Overflow.apply(loss) if len(calls) in overflow else loss
     monkeypatch.setattr(train, "compute_loss", poisoned)
-    bad = {5, 6}
-    train.main(
-        [*FAST, "--batch-size", "4", "--steps", "6", "--save-every", "1", "--logs-dir", str(tmp_path), "--name", "nan"]
-    )
+    bad, overflow = {5, 6}, set()
+    common = [*FAST, "--batch-size", "4", "--logs-dir", str(tmp_path)]
+    train.main([*common, "--steps", "6", "--save-every", "1", "--name", "nan"])
     five, six = (torch.load(p, weights_only=True) for p in cloob.checkpoints(str(tmp_path / "nan")))
     assert (five["step"], six["step"]) == (5, 6) and metrics(tmp_path / "nan")[-2]["nonfinite_steps"] == 2
     for k in five["state_dict"]:  # step 6 left weights and Adam moments as they were
@@ -1151,24 +1254,17 @@ def test_nonfinite_losses_skip_the_step_and_repeated_ones_stop_the_run(tmp_path,
         for a, b in zip(five["optimizer"]["state"].values(), six["optimizer"]["state"].values())
     )
     calls.clear()
-    bad = set(range(3, 100))
-    with pytest.raises(SystemExit):
-        train.main(
-            [
-                *FAST,
-                "--batch-size",
-                "4",
-                "--steps",
-                "20",
-                "--log-every",
-                "5",
-                "--logs-dir",
-                str(tmp_path),
-                "--name",
-                "nan2",
-            ]
-        )
-    assert "train.py: error: the loss was not finite for 8 steps in a row (by step 10)" in capsys.readouterr().err
+    bad, overflow = set(range(3, 100)), set()
+    err = train_error(capsys, *common, "--steps", "20", "--log-every", "100", "--name", "nan2")
+    assert "the loss or its gradients were not finite for 5 steps in a row (by step 7)" in err
+    calls.clear()
+    # fp16: 9 steps skipped in a row, 4 of them for a NaN loss: the overflows are no failures
+    bad, overflow = {2, 4, 6, 8}, {1, 3, 5, 7, 9}
+    train.main([*common, "--steps", "10", "--precision", "fp16", "--log-every", "10", "--name", "fp16"])
+    # GradScaler halves its scale after each of the 9
+    assert "non-finite: 4 steps skipped fp16 overflows: 5 (loss scale now 2^7)" in capsys.readouterr().out
+    event = metrics(tmp_path / "fp16")[0]
+    assert (event["nonfinite_steps"], event["fp16_overflows"]) == (4, 5)
 
 
 def vit_train_flops(c):
@@ -1383,6 +1479,15 @@ def worker_pids(pid):
         return sorted(int(p) for p in f.read().split())
 
 
+def alive(pid):
+    """Whether a process runs (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
@@ -1393,29 +1498,38 @@ def straight_run(tmp_path_factory):
     return final_weights(logs / "straight")
 
 
-def test_a_signal_finishes_the_step_saves_and_resumes_exactly(straight_run, tmp_path):
-    """Ctrl-C (SIGINT) to the whole process group, loader worker included, then SIGTERM, as schedulers send them: the
-    step finishes, one whole checkpoint is written, the exit status is 128 + SIGINT. Resumed, the run ends where the
-    straight run does, and metrics.jsonl holds each step once."""
+def test_a_signal_finishes_the_step_saves_and_resumes_exactly(straight_run, eval_folder, tmp_path):
+    """Ctrl-C (SIGINT) and SIGTERM to the whole process group while a periodic evaluation runs, as schedulers send
+    them: the loader workers of training and evaluation leave them to the main process, the step finishes, one whole
+    checkpoint is written, the exit status is 128 + SIGINT. The run has no --name: the continuation the stop line
+    prints, typed as printed, ends where the straight run does, and metrics.jsonl holds each step once."""
     argv = [*FAST, "--batch-size", "4", "--steps", "50", "--save-every", "50", "--logs-dir", str(tmp_path),
-            "--name", "stopped"]
+            "--zeroshot-data", str(eval_folder / "images"), "--zeroshot-every", "5"]
     run = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv, "--workers", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_steps(tmp_path / "stopped", 3, run)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # until the main process is held while its evaluation's loader worker runs
+        if len(worker_pids(run.pid)) == 2:  # the training loader's worker and the evaluation's
+            os.kill(run.pid, signal.SIGSTOP)
+            if len(worker_pids(run.pid)) == 2 and all(map(alive, worker_pids(run.pid))):
+                time.sleep(0.5)  # the worker has set its signal handling up (before, it has the main process's)
+                break
+            os.kill(run.pid, signal.SIGCONT)
+        time.sleep(0.005)
     os.killpg(run.pid, signal.SIGINT)
     os.killpg(run.pid, signal.SIGTERM)  # at once: a later one may find the run saved and exiting, where it kills
+    os.kill(run.pid, signal.SIGCONT)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
-    stop = re.search(
-        r"stopped by SIGINT after step (\d+): saved (\S+); continue with the same command and --resume latest", out
-    )
-    assert stop and 3 <= int(stop.group(1)) < 50 and stop.group(2).endswith(f"step_{int(stop.group(1)):07d}.pt")
-    assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "stopped" / "checkpoints" / "*"))] == \
+    stop = re.search(r"stopped by SIGINT after step (\d+): saved (\S+); continue with the same command and (.*)\n", out)
+    assert stop and 5 <= int(stop.group(1)) < 50 and stop.group(2).endswith(f"step_{int(stop.group(1)):07d}.pt")
+    run_dir = pathlib.Path(stop.group(2)).parent.parent
+    assert [os.path.basename(p) for p in glob.glob(str(run_dir / "checkpoints" / "*"))] == \
         [os.path.basename(stop.group(2))]  # one whole file, no temp file
-    train.main([*argv, "--resume", "latest"])
-    resumed = final_weights(tmp_path / "stopped")
+    train.main([*argv, *shlex.split(stop.group(3))])
+    resumed = final_weights(run_dir)
     assert resumed["step"] == 50 and same_weights(resumed["state_dict"], straight_run["state_dict"])
-    assert [e["step"] for e in metrics(tmp_path / "stopped") if "loss" in e] == list(range(1, 51))
+    assert [e["step"] for e in metrics(run_dir) if "loss" in e] == list(range(1, 51))
 
 
 def test_a_killed_run_resumes_to_the_same_weights(straight_run, tmp_path):
@@ -1436,20 +1550,24 @@ def test_a_killed_run_resumes_to_the_same_weights(straight_run, tmp_path):
 
 
 def test_torchrun_ranks_stop_together_and_equal_one_process(tmp_path, monkeypatch):
-    """torchrun, 2 ranks of 4 = 1 process of 8 for the ResNet with --sync-bn; SIGUSR1 to one rank stops both after the
-    same step, with one checkpoint. The first loss agrees to float rounding (without --sync-bn it differs by 18%);
-    after it Adam turns rounding in near-zero gradients into +-lr steps (the float64 gradient check above agrees to
-    1e-8), so the curve agrees to 1e-3."""
+    """torchrun, 2 ranks of 4 = 1 process of 8 for the ResNet with --sync-bn; SIGUSR1 to torchrun, run as the README
+    says (it forwards SIGUSR1 when told to), stops both ranks after the same step, with one checkpoint, and every
+    rank ends. The first loss agrees to float rounding (without --sync-bn it differs by 18%); after it Adam turns
+    rounding in near-zero gradients into +-lr steps (the float64 gradient check above agrees to 1e-8), so the curve
+    agrees to 1e-3."""
     common = [*FAST, "--model", "tiny-rn", "--sync-bn", "--steps", "20", "--save-every", "100", "--seed", "1",
               "--logs-dir", str(tmp_path)]
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
                             os.path.join(HERE, "train.py"), *common, "--batch-size", "4", "--name", "two"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
     wait_for_steps(tmp_path / "two", 3, run)
-    os.kill(worker_pids(run.pid)[-1], signal.SIGUSR1)  # one rank only: the other learns it at the next step
+    ranks = worker_pids(run.pid)
+    os.kill(run.pid, signal.SIGUSR1)
     out, err = run.communicate(timeout=120)
     stop = re.search(r"stopped by SIGUSR1 after step (\d+)", out)
     assert stop and 3 <= int(stop.group(1)) < 20, out + err
+    assert len(ranks) == 2 and not any(map(alive, ranks)) and "[rank" not in err  # no rank's traceback
     step = int(stop.group(1))
     assert [os.path.basename(p) for p in cloob.checkpoints(str(tmp_path / "two"))] == [f"step_{step:07d}.pt"]
     stop_at(monkeypatch, step)  # one process, to the same step
@@ -1915,6 +2033,7 @@ def test_zeroshot_numeric_flags_are_checked_when_parsed(flag, capsys):
     (["--train-data", "x.tar"], "--train-num-samples is for tar shards, and they need it"),
     (["--train-data", "x.csv", "--train-num-samples", "100"], "--train-num-samples is for tar shards"),
     (["--method", "simclr"], "invalid choice: 'simclr'"),
+    (["--resume", "latest"], "--resume latest needs --name (a run without one is named after its start time)"),
 ])
 def test_bad_flags_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1945,4 +2064,5 @@ def test_data_and_run_directory_problems_are_one_line_errors(tmp_path, capsys):
     assert "Not a directory" in train_error(
         capsys, *FAST, "--steps", "1", "--logs-dir", str(tmp_path / "file")
     )
+
 

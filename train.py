@@ -3,7 +3,8 @@
   torchrun --nproc_per_node=8 train.py --train-data 'cc3m/{00000..00331}.tar' --train-num-samples 2800000
   python train.py --bench --model ViT-B-16 --batch-size 256 --compile     # step time, samples/s, memory, MFU
 --batch-size is per rank. The loss is the exact distributed form: the gradient is that of the global batch.
-SIGTERM or SIGUSR1 (cluster preemption): every rank finishes its step, a checkpoint is saved, the run stops.
+SIGTERM, SIGUSR1 (cluster preemption) or SIGINT at any moment: every rank finishes its step, a checkpoint is saved, the
+run stops (torchrun forwards SIGUSR1 only when told: --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1).
 
 Flags. Defaults differ on synthetic data (the demo: tiny-vit, batch 128, lr 5e-4, 500 warm-up steps, 1 cosine cycle,
 1000 steps, 0 workers) and on real data (the official CLOOB recipe: RN50, 64 per rank (8 GPUs x 64), lr 1e-3,
@@ -27,7 +28,7 @@ Flags. Defaults differ on synthetic data (the demo: tiny-vit, batch 128, lr 5e-4
   --precision            default bf16 on GPU, fp32 on CPU
   --logs-dir, --name     runs go to LOGS_DIR/NAME (default name: method-model-time; not --logs: torchrun's)
   --save-every N         steps between checkpoints (and one at the end)
-  --resume               latest (the run's newest readable checkpoint; a new run if it has none) | PATH
+  --resume               latest (needs --name: the run's newest readable checkpoint; a new run if it has none) | PATH
   --bench                time the training step on tensors already on the device instead"""
 import argparse
 import gc
@@ -35,6 +36,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import signal
 import sys
 import threading
@@ -114,6 +116,8 @@ def parse_args(argv=None):
     a("--log-every", type=COUNT, default=10)
     a("--bench", action="store_true")
     args = p.parse_args(argv)
+    if args.resume == "latest" and not args.name:  # else each start would name a new run directory
+        p.error("--resume latest needs --name (a run without one is named after its start time)")
     synthetic, tar = args.train_data == "synthetic", args.train_data.endswith(data.TAR_EXTS)
     if args.pretrained:  # the architecture is the checkpoint's; the run is named after it
         args.model = os.path.basename(os.path.normpath(args.pretrained)).split(".")[0]
@@ -175,16 +179,16 @@ def open_data(args, rank, world):
     return data.CsvCaptions(args.train_data, args.csv_img_key, args.csv_caption_key, args.csv_separator)
 
 
-def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
-    """-> (iterator of this rank's (images, tokens, skipped) from step `start` on, steps per epoch). Every item of
-    the dataset is one batch: tar shards stream them, the others are indexed by data.global_batches. The loader is
-    iterated once, forever."""
+def build_loader(args, dataset, tokenizer, resolution, rank, world, start, positions):
+    """-> (iterator of this rank's (images, tokens, skipped, stream position) from step `start` on, steps per epoch).
+    Every item of the dataset is one batch: tar shards stream them from `positions` (their loader slots', as
+    data.TarShards says), the others are indexed by data.global_batches. The loader is iterated once, forever."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
               worker_init_fn=_worker_signals, pin_memory=torch.cuda.is_available())
     dataset.resolution = resolution  # images are made at the model's resolution
     epoch = data.steps_per_epoch(args.train_num_samples or len(dataset), args.batch_size * world)
     if isinstance(dataset, data.TarShards):
-        dataset.start = start
+        dataset.start, dataset.positions = start, list(positions)
         return iter(DataLoader(dataset, **kw)), epoch
     batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
     sampler = data.global_batches(len(dataset), args.batch_size, rank, world, args.seed, start, args.accum_steps)
@@ -192,8 +196,8 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start):
 
 
 def _tokenize(tokenizer, batch):  # in the loader workers
-    images, captions, skipped = batch
-    return images, tokenizer(captions), skipped
+    images, captions, skipped, position = batch
+    return images, tokenizer(captions), skipped, position
 
 
 def _worker_signals(worker_id):
@@ -213,13 +217,13 @@ def _exit_on_sigterm_from_parent():
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save(args, run_dir, model, tokenizer, optimizer, scaler, step):
-    """No RNG state: nothing draws from torch's generators while training (data randomness is numpy's, a function of
-    seed, step and index)."""
+def save(args, run_dir, model, tokenizer, optimizer, scaler, step, stream):
+    """`stream`: every rank's loader slots' positions (tar shards). No RNG state: nothing draws from torch's generators
+    while training (data randomness is numpy's, a function of seed, step and index)."""
     path = run_dir / "checkpoints" / f"step_{step:07d}.pt"
     cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
                           beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
-                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args))
+                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args), stream=stream)
     # keep the newest two (the run directory holds only this run)
     for old in cloob.checkpoints(run_dir)[:-2]:
         os.remove(old)
@@ -232,14 +236,15 @@ CLOOB_KEYS = ("hopfield_beta", "init_inv_tau", "learn_inv_tau")
 
 
 def resume(args, run_dir, model, optimizer, scaler, rank):
-    """-> (the step to continue from, the checkpoint), (0, None) for a new run. --resume latest takes the newest
-    checkpoint that can be read (saying which it skipped); a run directory with checkpoints needs --resume. This
-    run's --lr, --wd, --beta2 and --eps apply from here on (the resume line names those that changed)."""
+    """-> (the step to continue from, the checkpoint, every rank's loader positions), (0, None, None) for a new run.
+    --resume latest takes the newest checkpoint that can be read (saying which it skipped); a run directory with
+    checkpoints needs --resume. This run's --lr, --wd, --beta2 and --eps apply from here on (the resume line names
+    those that changed)."""
     found = cloob.checkpoints(run_dir)
     if not args.resume:
         if found:
             raise ValueError(f"{run_dir} has checkpoints: continue with --resume latest or pick another --name")
-        return 0, None
+        return 0, None, None
     for path in found[::-1] if args.resume == "latest" else [args.resume]:
         try:
             ckpt = cloob.read_file(path)
@@ -248,7 +253,7 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
                 raise ValueError(f"--resume: {e}") from None
             print0(rank, f"--resume latest: skipping {e}")
             continue
-        if not isinstance(ckpt, dict) or not {"args", "optimizer"} <= ckpt.keys():
+        if not isinstance(ckpt, dict) or not {"args", "optimizer", "stream"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
         ours = dict(vars(args), **asdict(model.config))
         theirs = dict(ckpt["args"], **ckpt["config"])
@@ -269,11 +274,11 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
             scaler.load_state_dict(ckpt["scaler"])
         changed = [f"; {k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
         print0(rank, f"resuming from {path} (step {ckpt['step']}{''.join(changed)})")
-        return ckpt["step"], path
+        return ckpt["step"], path, ckpt["stream"]
     if found:
         raise ValueError(f"--resume latest: no readable checkpoint in {run_dir}/checkpoints")
     print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
-    return 0, None
+    return 0, None, None
 
 
 def open_run_dir(args, run_dir, start, total):
@@ -378,7 +383,7 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     """One optimizer step on this rank's batch. model: the plain CLIP; net: what to call, the model possibly
     wrapped in DDP and/or torch.compile. A step whose loss or gradients are not finite, on any rank, is skipped:
     weights, optimizer state and buffers (BatchNorm's running statistics) stay as they were.
-    -> (loss, 1.0 if the step was taken else 0.0), device tensors: no host sync."""
+    -> (loss, [1.0 if the loss is finite on every rank, 1.0 if the gradients are]), device tensors: no host sync."""
     device = model.logit_scale.device
     # pixels in 0..255 -> CLIP's input
     images = data.normalize(images.to(device, non_blocking=True))
@@ -396,16 +401,17 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     # fp16: the gradients' true values, inf where they overflowed (else nothing to do)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    finite = torch.isfinite(loss.detach() + grad_norm).float()
+    finite = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().float()
     if world > 1:  # not finite on any rank: the step is skipped everywhere
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    taken = finite.min()
     # fused AdamW leaves weights and moments untouched when this is 1
-    optimizer.found_inf = 1 - finite
+    optimizer.found_inf = 1 - taken
     optimizer.step()
     scaler.update()  # fp16: a smaller loss scale after an overflow
     # statistics advance once a step, or not at all
     for buffer, old, new in zip(model.buffers(), before, after):
-        buffer.copy_(torch.where(finite.bool(), new, old))
+        buffer.copy_(torch.where(taken.bool(), new, old))
     if model.logit_scale.requires_grad:  # CLIP's and CLOOB's (official code) clamp: 1/T in [1, 100]
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -472,35 +478,50 @@ def train(args, rank, world, device):
     model, tokenizer = build_model(args, device)
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     args.tokenizer, args.world_size, args.global_batch = tokenizer.name, world, world * args.batch_size  # for resume
-    start, last_good = resume(args, run_dir, model, optimizer, scaler, rank)
-    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, model.config.image_resolution, rank, world, start)
+    start, last_good, stream = resume(args, run_dir, model, optimizer, scaler, rank)
+    # this rank's loader slots' stream positions (tar shards; None: from the start)
+    positions = stream[rank] if stream else [None] * max(1, args.workers)
+    resolution = model.config.image_resolution
+    batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start, positions)
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:  # a requeued job whose run has finished is not a failure
         print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    # at zeroshot.py's batch size
-    tasks = None
+    tasks = None  # at zeroshot.py's batch size; its loader workers leave stop signals to this process too
     if args.zeroshot_data:
-        resolution = model.config.image_resolution
-        tasks = zeroshot.benchmark(args.zeroshot_data, resolution, workers=args.workers, seed=args.seed)
+        tasks = zeroshot.benchmark(args.zeroshot_data, resolution, workers=args.workers, worker_init_fn=_worker_signals)
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
-    # losses, stop signals and skip counts are reduced over a CPU group: no device sync in the loop
+    # losses, stop signals and skip counts are reduced over a CPU group
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
-    skipped, t0, waiting = Counter(), time.time(), 0.0  # waiting: for the next batch, in seconds
-    streak = nonfinite = torch.zeros((), device=device)  # steps not taken: in a row, in all
+    skipped = Counter()  # unusable samples, by reason
+    t0 = time.time()
+    waiting = 0.0  # for the next batch, in seconds
+    streak = nonfinite = overflows = 0  # steps skipped: not finite in a row, not finite in all, fp16 overflows
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         wait = time.time()
-        images, tokens, batch_skipped = next(batches)
+        images, tokens, batch_skipped, position = next(batches)
         waiting += time.time() - wait
         skipped += batch_skipped
-        loss, taken = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
-        streak, nonfinite, done = (streak + 1) * (1 - taken), nonfinite + 1 - taken, step + 1
+        positions[step % len(positions)] = position  # its loader slot's
+        loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
+        loss_finite, grads_finite = finite.tolist()  # the step's one wait for the device
+        if loss_finite and grads_finite:
+            streak = 0
+        elif loss_finite and args.precision == "fp16":  # GradScaler's calibration: the loss scale halves
+            overflows += 1
+        else:
+            streak += 1
+            nonfinite += 1
+        done = step + 1
+        if streak == 5:  # the weights are those before the first of these steps
+            raise FloatingPointError(f"the loss or its gradients were not finite for 5 steps in a row (by step "
+                                     f"{done}); last checkpoint: {last_good}; try a lower --lr")
         if done % args.log_every == 0 or done == total:
             stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
             if world > 1:
@@ -509,16 +530,15 @@ def train(args, rank, world, device):
             event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
                          inv_temperature=model.logit_scale.exp().item(), data_wait=waiting / elapsed,
                          samples_per_s=(done - start) * args.batch_size * world / elapsed, skipped=int(stats[1]),
-                         nonfinite_steps=int(nonfinite))
+                         nonfinite_steps=nonfinite, fp16_overflows=overflows)
             line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
                     f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
                     f"{event['data_wait']:.0%} eta {(total - done) / (done - start) * elapsed / 60:.1f} min")
             line += f" skipped {dict(skipped)}" if skipped else ""
-            line += f" non-finite loss: {int(nonfinite)} steps skipped" if nonfinite else ""
+            line += f" non-finite: {nonfinite} steps skipped" if nonfinite else ""
+            if overflows:
+                line += f" fp16 overflows: {overflows} (loss scale now 2^{math.log2(scaler.get_scale()):g})"
             print0(rank, line, run_dir, event)
-            if streak >= 5:  # the weights are those before the first of these steps
-                raise FloatingPointError(f"the loss was not finite for {int(streak)} steps in a row (by step {done}); "
-                                         f"last checkpoint: {last_good}; try a lower --lr")
         stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)  # a stop signal's number, or 0
         if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
             dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=cpu_group)
@@ -529,8 +549,10 @@ def train(args, rank, world, device):
         if world > 1 and (save_now or evaluate_now):
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
+        if save_now:
+            stream = zeroshot._all_ranks(positions)  # every rank's
         if save_now and rank == 0:
-            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done)
+            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, stream)
         if evaluate_now and tasks:  # also at a stop: the resumed run starts after this step
             # every rank evaluates its share of the images and gets the same results
             results = zeroshot.evaluate(model.eval(), tokenizer, *tasks, device)
@@ -540,7 +562,7 @@ def train(args, rank, world, device):
                    dict(step=done, **top1))
         if stop and done < total:
             print0(rank, f"stopped by {signal.Signals(stop).name} after step {done}: saved {last_good}; continue "
-                         f"with the same command and --resume latest")
+                         f"with the same command and --name {shlex.quote(args.name)} --resume latest")
             if world > 1:
                 dist.barrier(group=cpu_group)  # every rank exits after rank 0 has saved
             return 128 + stop
@@ -555,7 +577,10 @@ def main(argv=None):
         if args.bench:
             return bench(args, build_model(args, device)[0], device, world)
         code = train(args, rank, world, device)
-    except (OSError, ValueError, FloatingPointError) as e:  # ours; a loader worker's: its last line
+    except (OSError, ValueError, FloatingPointError, RuntimeError) as e:  # ours; a loader worker's: its last line
+        if isinstance(e, RuntimeError) and world == 1:  # a bug: its traceback
+            raise
+        # under torchrun also a collective that failed when another rank stopped (its own line says why)
         print(f"train.py: error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         traceback.clear_frames(e.__traceback__)  # frees the loader's workers now (at exit they would wait 5 s)
         gc.collect()

@@ -109,18 +109,18 @@ def _all_ranks(part):
     return parts
 
 
-def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, templates=None, seed=0):
+def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, templates=None, worker_init_fn=None):
     """-> (tasks, this rank's batches of their images), for evaluate(). `where`: an
     image folder (one task, named after the folder: its classes, as class_task says), or "synthetic": the built-in
     benchmark, 500 images of the held-out shape/colour/position triples with their shape and colour tasks, in one
-    batch (split over the ranks)."""
+    batch (split over the ranks), the same whatever seed the model was trained with."""
     if where != "synthetic":
         folder = data.ImageFolder(where)
         tasks = {folder.task: class_task(folder, classnames, templates)}
-        return tasks, loader(folder, resolution, batch_size, workers)
+        return tasks, loader(folder, resolution, batch_size, workers, worker_init_fn)
     if classnames or templates:
         raise ValueError("--data synthetic has its own class names and templates")
-    pixels, _, labels = data.Synthetic(500, resolution, "heldout", seed).render(range(500))
+    pixels, _, labels = data.Synthetic(500, resolution, "heldout").render(range(500))
     part = _shard(500)
     images = data.normalize(data.channels_first(pixels[part]))  # [n, 3, R, R]
     labels = {k: torch.from_numpy(v[part]) for k, v in labels.items()}
@@ -144,12 +144,12 @@ def _load_batch(resolution, items):
     return images, {k: torch.tensor([x[k] for x in labels]) for k in items[0][2]}, skipped
 
 
-def loader(dataset, resolution, batch_size=256, workers=2):
+def loader(dataset, resolution, batch_size=256, workers=2, worker_init_fn=None):
     """Batches of a folder or CSV dataset (this rank's share), as _load_batch makes them, read by `workers`
     processes."""
     part = Subset(dataset, range(len(dataset))[_shard(len(dataset))])
     return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=partial(_load_batch, resolution),
-                      pin_memory=torch.cuda.is_available())
+                      worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available())
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 
