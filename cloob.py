@@ -50,6 +50,11 @@ class ModelConfig:
     # None: OpenAI's 64-wide heads (ViT width/64, ResNet attention pool width*32/64)
     vision_heads: int | None = None
 
+    def __post_init__(self):  # a ViT's patches must tile the image (else it drops the border pixels)
+        if isinstance(self.vision_layers, int) and self.image_resolution % self.vision_patch_size:
+            raise ValueError(f"image_resolution {self.image_resolution} is not a multiple of vision_patch_size "
+                             f"{self.vision_patch_size}")
+
 
 # OpenAI's published shapes (the defaults are ViT-B/32's); two tiny ones for CPU work: the byte tokenizer (256 ids +
 # start + end), exact GELU (cheaper than QuickGELU on a CPU)
@@ -675,6 +680,9 @@ def _read(path):
         raise ValueError(f"{path}: no state_dict; top-level keys: {sorted(map(str, ckpt))[:8]}")
     # ours; a hand-made file may hold only weights and config (tokenizer: by the vocabulary)
     if "config" in ckpt:
+        unknown = ckpt["config"].keys() - vars(ModelConfig()).keys()
+        if unknown:  # written by a modified model
+            raise ValueError(f"{path}: its config has fields this model lacks: {sorted(unknown)}")
         config = ModelConfig(**ckpt["config"])
         info = {k: ckpt[k] for k in ("method", "tokenizer", "inv_tau", "beta", "step") if k in ckpt}
         return sd, {"tokenizer": "bytes" if config.vocab_size == 258 else "clip", **info, "format": "cloob",

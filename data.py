@@ -189,7 +189,15 @@ def csv_arguments(parser):
     """train.py's and zeroshot.py's flags for CSV/TSV files (OpenCLIP's names)."""
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
-    parser.add_argument("--csv-separator")  # default: tab for .tsv, comma otherwise
+    parser.add_argument("--csv-separator", type=one_character)  # default: tab for .tsv, comma otherwise
+
+
+def one_character(text):
+    """--csv-separator: one character; \\t, as typed in a shell, is a tab. (argparse names the flag and this.)"""
+    text = text.replace("\\t", "\t")
+    if len(text) != 1:
+        raise ValueError(text)
+    return text
 
 
 class CsvCaptions(Dataset):
@@ -274,8 +282,10 @@ def load_sample(item, transform):
     try:
         with Image.open(image) as opened:
             return transform(opened), caption
-    except (FileNotFoundError, IsADirectoryError):
+    except FileNotFoundError:
         raise ValueError("missing image") from None
+    except IsADirectoryError:
+        raise ValueError("a directory, not an image") from None
     except Image.DecompressionBombError:
         raise ValueError("image too large (over Pillow's decompression-bomb limit)") from None
     except (OSError, SyntaxError, ValueError):

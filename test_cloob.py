@@ -1324,10 +1324,13 @@ def test_short_synthetic_run_learns(tmp_path):
     # on the tests' 100 held-out images, 0.988-1.0 on all 500, and a loss of 0.62-0.67 ln 64; CLOOB takes about three
     # times the steps, shape the demo's 1000)
     train.main(["--method", "clip", "--steps", "60", "--warmup", "15", "--lr", "1e-3", "--batch-size", "64",
-                "--log-every", "30", "--logs-dir", str(tmp_path), "--name", "demo"])
+                "--log-every", "30", "--logs-dir", str(tmp_path), "--name", "demo", "--seed", "3"])
     final = metrics(tmp_path / "demo")[-1]
     assert final["zeroshot/colour/top1"] >= 0.9  # chance: 0.2
     assert losses(tmp_path / "demo")[-1] < 0.75 * math.log(64)  # from about ln(N)
+    # zeroshot.py measures the run's checkpoint on the same benchmark, whatever the training seed
+    r = zeroshot.main(["--model", str(tmp_path / "demo"), "--data", "synthetic", "--workers", "0"])
+    assert [r[t]["top1"] for t in ("shape", "colour")] == [final[f"zeroshot/{t}/top1"] for t in ("shape", "colour")]
 
 
 def test_csv_with_missing_and_corrupt_images_trains_and_reports(tmp_path, capsys):
@@ -1382,16 +1385,25 @@ def test_damaged_shards_are_skipped_counted_and_named(tmp_path, capsys):
     assert len(losses(tmp_path / "tar")) == 5 and all(np.isfinite(losses(tmp_path / "tar")))
 
 
-def test_csv_column_flags_epochs_and_hopfield_beta(tmp_path):
+def test_csv_column_flags_epochs_defaults_and_hopfield_beta(tmp_path, capsys):
+    """--csv-separator '\\t' as typed in a shell is a tab; the start line names the data's defaults in effect;
+    --epochs sets the length on synthetic data too, and a warm-up as long as the run is a warning."""
     rows = write_images(tmp_path / "img", 8)
-    (tmp_path / "t.csv").write_text("caption;image\n" + "".join(f"{cap};img/{f}\n" for f, cap, _ in rows))
+    (tmp_path / "t.csv").write_text("caption\timage\n" + "".join(f"{cap}\timg/{f}\n" for f, cap, _ in rows))
     common = [*FAST, "--train-data", str(tmp_path / "t.csv"), "--csv-img-key", "image", "--csv-caption-key", "caption",
-              "--csv-separator", ";", "--tokenizer", "bytes", "--batch-size", "4", "--epochs", "2",
+              "--csv-separator", "\\t", "--tokenizer", "bytes", "--batch-size", "4", "--epochs", "2",
               "--logs-dir", str(tmp_path)]
     train.main([*common, "--name", "beta8"])
+    assert "\ndefaults: the official CLOOB recipe's (real data): --restart-cycles 10\n" in capsys.readouterr().out
     train.main([*common, "--name", "beta2", "--hopfield-beta", "2"])
     assert [e["epoch"] for e in metrics(tmp_path / "beta8") if "loss" in e] == [0.5, 1.0, 1.5, 2.0]  # 8 rows, 2 x 4
     assert losses(tmp_path / "beta2")[0] != pytest.approx(losses(tmp_path / "beta8")[0], rel=1e-3)
+    capsys.readouterr()
+    train.main([*FAST, "--epochs", "1", "--train-num-samples", "8", "--batch-size", "4", "--logs-dir", str(tmp_path),
+                "--name", "epoch"])
+    out = capsys.readouterr().out
+    assert len(losses(tmp_path / "epoch")) == 2 and "the warm-up (2 steps) is the whole run" in out
+    assert "defaults: the demo's: --restart-cycles 1 --zeroshot-data synthetic\n" in out
 
 
 def test_zeroshot_data_flag_evaluates_a_folder_during_training(eval_folder, tmp_path):
@@ -1795,6 +1807,65 @@ def test_zeroshot_batched_classifier_equals_direct_computation(eval_folder, tmp_
 
 
 
+class OneHot(torch.nn.Module):
+    """A stand-in model: an image's features are its pixels as given, a caption's the one-hot of its first token."""
+
+    def encode_image(self, images):
+        return images
+
+    def encode_text(self, tokens):
+        return F.one_hot(tokens[:, 0], 4).float()
+
+
+def test_zeroshot_counts_as_topk_a_tie_or_nan_is_no_hit(eval_folder, tmp_path, capsys):
+    """Two classes named alike score alike: top-1 credits one of them, as argmax would (50% here, not 100%); an image
+    whose features are NaN is no hit. Class names given twice are a warning naming them."""
+    words = ["crane", "heron"]
+
+    def tokenizer(texts):
+        return torch.tensor([[words.index(t)] for t in texts])
+    tasks = {"birds": (["crane", "crane", "heron"], ("{}",))}
+    images = F.one_hot(torch.zeros(20, dtype=torch.long), 4).float()  # all look like a crane
+    labels = torch.arange(20) % 2  # half of them the first crane class, half the second
+    r = zeroshot.evaluate(OneHot(), tokenizer, tasks, [(images, {"birds": labels}, collections.Counter())])
+    assert (r["birds"]["top1"], r["birds"]["top5"]) == (0.5, 1.0)
+    images[:10] = math.nan
+    r = zeroshot.evaluate(OneHot(), tokenizer, tasks, [(images, {"birds": labels}, collections.Counter())])
+    assert (r["birds"]["top1"], r["birds"]["top5"]) == (0.25, 0.5)
+    (tmp_path / "names.txt").write_text("a b\nc\na b\n")
+    zeroshot.class_task(data.ImageFolder(str(eval_folder / "images")), str(tmp_path / "names.txt"))
+    assert capsys.readouterr().err == "warning: class names given twice: ['a b']\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_long_zeroshot_passes_show_progress_short_ones_stay_silent(eval_folder, monkeypatch):
+    """Once a pass has taken 2 s: a line at each tenth with the count, the rate and the time left; on a terminal one
+    line rewritten in place (the last ends it), in a log file a line each."""
+    assert list(zeroshot.progress(range(5), 5, "images")) == list(range(5))  # fast: nothing said (capsys would show)
+    clock = iter(range(100))
+    monkeypatch.setattr(zeroshot.time, "time", lambda: float(next(clock)))  # a second a call
+    # batch i of 8 images ends at second i; silent for the first 2 s, then each tenth once
+    lines = ["images 24/50: 8/s, 0.1 min left", *(f"images {n}/50: 8/s, 0.0 min left" for n in (32, 40, 48)),
+             "images 50/50: 7/s, 0.0 min left"]
+    for stderr, end in ((io.StringIO(), "\n"), (Terminal(), "\r")):
+        monkeypatch.setattr(zeroshot.sys, "stderr", stderr)
+        assert list(zeroshot.progress(range(7), 50, "images", step=8)) == list(range(7))  # 7 batches of 8 images
+        assert stderr.getvalue() == end.join(lines) + "\n"
+    zeroshot.classifier(OneHot(), lambda texts: torch.zeros(len(texts), 1, dtype=torch.long), ["a"] * 10, ("{}",))
+    list(zeroshot.loader(data.ImageFolder(str(eval_folder / "images")), 16, batch_size=4, workers=0))  # 22 files
+    assert "\rclasses 10/10: " in stderr.getvalue() and "\rimages 20/22: " in stderr.getvalue()
+    assert stderr.getvalue().endswith(" min left\n")
+
+
+def test_config_of_a_vit_whose_patches_do_not_tile_the_image_is_refused():
+    assert "image_resolution 30 is not a multiple of vision_patch_size 8" in one_line_error(
+        dataclasses.replace, MICRO, image_resolution=30)
+
+
 def test_top5_counts_the_fifth_class(eval_folder):
     """evaluate's top-1 and top-5 against ranks by hand, with 7 classes (top-5 is not all of them)."""
     model, _ = cloob.load_model(str(eval_folder / "run"))
@@ -1974,7 +2045,7 @@ def huge_png(tmp_path_factory):
         (["--data", "nowhere"], "image folder not found: nowhere"),
         (["--image", "nowhere.jpg", "--labels", "a,b"], "nowhere.jpg: missing image"),
         (["--image", "{images}/square/broken.jpg", "--labels", "a,b"], "broken.jpg: corrupt image"),
-        (["--image", "{images}/square", "--labels", "a,b"], "square: missing image"),
+        (["--image", "{images}/square", "--labels", "a,b"], "square: a directory, not an image"),
         (["--image", "{huge}", "--labels", "a,b"], "huge.png: image too large (over Pillow's decompression-bomb limit"),
         (
             ["--image", "{images}/square/broken.jpg", "--labels", "a cat,a dog,a cat"],
@@ -1989,12 +2060,17 @@ def huge_png(tmp_path_factory):
             "a folder without an OpenCLIP or Hugging Face model or train.py checkpoints",
         ),
         (["--model", "missing.pt", "--data", "{images}"], "checkpoint not found: missing.pt"),
+        (["--model", "{fork}", "--data", "{images}"], "fork.pt: its config has fields this model lacks: ['siglip_b"),
     ],
 )
 def test_zeroshot_bad_input_is_a_one_line_error(argv, message, eval_folder, huge_png, tmp_path, monkeypatch, capsys):
     os.makedirs(tmp_path / "empty" / "some_class")
     (tmp_path / "names.txt").write_text("a\nb\n")
-    paths = dict(empty=tmp_path / "empty", images=eval_folder / "images", names=tmp_path / "names.txt", huge=huge_png)
+    fork = torch.load(eval_folder / "run" / "checkpoints" / "step_0000005.pt", weights_only=True)
+    fork["config"]["siglip_bias"] = -10.0  # a modified model's checkpoint
+    torch.save(fork, tmp_path / "fork.pt")
+    paths = dict(empty=tmp_path / "empty", images=eval_folder / "images", names=tmp_path / "names.txt", huge=huge_png,
+                 fork=tmp_path / "fork.pt")
     argv = [a.format(**paths) for a in (argv if argv[0] == "--model" else ["--model", str(eval_folder / "run"), *argv])]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -2012,7 +2088,8 @@ def test_zeroshot_bad_input_is_a_one_line_error(argv, message, eval_folder, huge
 
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--steps", "-3"], ["--save-every", "0"], ["--log-every", "0"],
                                   ["--batch-size", "0"], ["--workers", "-1"], ["--lr", "0"], ["--beta2", "1"],
-                                  ["--warmup", "x"], ["--accum-steps", "3", "--batch-size", "8"]])
+                                  ["--warmup", "x"], ["--accum-steps", "3", "--batch-size", "8"], ["--seed", "-1"],
+                                  ["--csv-separator", ";;"]])
 def test_numeric_flags_are_checked_when_parsed(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
@@ -2020,11 +2097,13 @@ def test_numeric_flags_are_checked_when_parsed(argv, capsys):
     assert e.value.code == 2 and ("error: argument" in err or "must divide --batch-size" in err), err
 
 
-@pytest.mark.parametrize("flag", [["--batch-size", "0"], ["--workers", "-1"]])
-def test_zeroshot_numeric_flags_are_checked_when_parsed(flag, capsys):
+@pytest.mark.parametrize("flag,message", [(["--batch-size", "0"], "--batch-size must be >= 1 and --workers >= 0"),
+                                          (["--workers", "-1"], "--batch-size must be >= 1 and --workers >= 0"),
+                                          (["--csv-separator", "\\t;"], "argument --csv-separator: invalid")])
+def test_zeroshot_numeric_flags_are_checked_when_parsed(flag, message, capsys):
     with pytest.raises(SystemExit) as e:
         zeroshot.parse_args(["--model", "m.pt", "--data", "d", *flag])
-    assert e.value.code == 2 and "--batch-size must be >= 1 and --workers >= 0" in capsys.readouterr().err
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 

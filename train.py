@@ -107,7 +107,7 @@ def parse_args(argv=None):
     a("--compile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
     a("--steps", type=COUNT)
     a("--epochs", type=COUNT)
-    a("--seed", type=int, default=0)
+    a("--seed", type=NATURAL, default=0)
     a("--precision", choices=["fp32", "bf16", "fp16"], default="bf16" if torch.cuda.is_available() else "fp32")
     a("--logs-dir", default="logs")
     a("--name")
@@ -123,9 +123,11 @@ def parse_args(argv=None):
         args.model = os.path.basename(os.path.normpath(args.pretrained)).split(".")[0]
     if args.bench:
         args.steps = args.steps or 20
-    for key, value in (DEMO if synthetic else RECIPE).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    if args.epochs and args.steps is None:  # the length in epochs, not the demo's steps
+        args.steps = 0
+    # the data's defaults for what the command leaves out, named in the start line
+    args.defaults = {k: v for k, v in (DEMO if synthetic else RECIPE).items() if getattr(args, k) is None}
+    vars(args).update(args.defaults)
     args.name = args.name or f"{args.method}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not (synthetic or tar or args.train_data.endswith((".csv", ".tsv"))):
         p.error(f"--train-data {args.train_data!r}: expected synthetic, a .csv/.tsv file or .tar/.tar.gz shards")
@@ -494,6 +496,10 @@ def train(args, rank, world, device):
         open_run_dir(args, run_dir, start, total)
     print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
                  f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
+    recipe = "the demo's" if args.train_data == "synthetic" else "the official CLOOB recipe's (real data)"
+    print0(rank, f"defaults: {recipe}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.defaults.items()))
+    if args.warmup >= total:
+        print0(rank, f"warning: the warm-up ({args.warmup} steps) is the whole run: the rate stays below --lr")
     # losses, stop signals and skip counts are reduced over a CPU group
     cpu_group = dist.new_group(backend="gloo") if world > 1 else None
     skipped = Counter()  # unusable samples, by reason

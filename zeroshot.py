@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from collections import Counter
 from functools import partial
 
@@ -57,7 +58,7 @@ def classifier(model, tokenizer, classnames, templates, device="cpu"):
     """[D, C] weights: for each class, encode every template filled with its name, L2-normalise, average,
     renormalise (CLIP's prompt ensembling). One class at a time, as OpenAI's notebook: memory does not grow with C."""
     weights = [text_features(model, tokenizer, [t.replace("{}", c) for t in templates], device).mean(dim=0)
-               for c in classnames]
+               for c in progress(classnames, len(classnames), "classes")]
     return F.normalize(torch.stack(weights, dim=1), dim=0).to(device)  # [D, C]
 
 
@@ -79,9 +80,11 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu"):
         features = image_features(model, images, device)  # [B, D]
         for name, w in weights.items():
             y, scores = labels[name], (features @ w).cpu()  # [B], [B, C]
-            # classes scoring above the true one
-            rank = (scores > scores.gather(1, y[:, None])).sum(dim=1)
-            counts[name] += torch.tensor([(rank < 1).sum(), (rank < 5).sum(), len(y)])
+            # as OpenAI's notebook and OpenCLIP count: the k best by topk, so a tie with the true class is broken as
+            # topk breaks it, not in its favour; a true class scored NaN (or inf) is no hit
+            top = scores.topk(min(5, scores.shape[1])).indices  # [B, k]
+            hits = (top == y[:, None]) & scores.gather(1, y[:, None]).isfinite()
+            counts[name] += torch.tensor([hits[:, 0].sum(), hits.sum(), len(y)])
     parts = _all_ranks((counts, skipped))  # every rank's counts, summed
     results = {}
     for name in tasks:
@@ -90,6 +93,32 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu"):
     return results
 
 # ---------------------------------------------------------------------------------------------------- data
+
+
+def _rank0():
+    return not cloob._distributed() or dist.get_rank() == 0
+
+
+def progress(items, total, what, step=1):
+    """Yields `items`, each `step` of `total` `what`. On rank 0, once they have taken 2 seconds, says on stderr at each
+    tenth how many are done, how fast, and the time left: one line rewritten on a terminal, a line each in a log file.
+    Short passes (the tests, the demo) stay silent."""
+    start, tenths = time.time(), 0
+    for i, item in enumerate(items, 1):
+        yield item
+        done, elapsed = min(total, i * step), time.time() - start
+        if done * 10 // total > tenths and elapsed > 2 and _rank0():
+            tenths = done * 10 // total
+            end = "\r" if sys.stderr.isatty() and done < total else "\n"
+            print(f"{what} {done}/{total}: {done / elapsed:.0f}/s, {(total - done) / done * elapsed / 60:.1f} min left",
+                  end=end, file=sys.stderr, flush=True)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose passes show their progress in images."""
+
+    def __iter__(self):
+        return progress(super().__iter__(), len(self.dataset), "images", self.batch_size)
 
 
 def _shard(n):
@@ -148,7 +177,7 @@ def loader(dataset, resolution, batch_size=256, workers=2, worker_init_fn=None):
     """Batches of a folder or CSV dataset (this rank's share), as _load_batch makes them, read by `workers`
     processes."""
     part = Subset(dataset, range(len(dataset))[_shard(len(dataset))])
-    return DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=partial(_load_batch, resolution),
+    return Loader(part, batch_size=batch_size, num_workers=workers, collate_fn=partial(_load_batch, resolution),
                       worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available())
 
 # ---------------------------------------------------------------------------------------------------- retrieval
@@ -286,6 +315,9 @@ def class_task(folder, classnames=None, templates=None):
         names = read_lines(classnames)
     if len(names) != len(folder.classes):
         raise ValueError(f"{classnames}: {len(names)} class names for {len(folder.classes)} class folders")
+    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+    if repeated and _rank0():  # two classes named alike score alike: top-k credits one of them
+        print(f"warning: class names given twice: {repeated}", file=sys.stderr)
     return names, read_templates(templates or "ensemble")
 
 
