@@ -1,5 +1,6 @@
-"""CLIP and CLOOB in one file: configs, tokenizer, image and text towers, Hopfield retrieval, losses,
-checkpoint loading. Parameter names follow OpenAI's CLIP so its (and OpenCLIP's, and CLOOB's) weights load.
+"""CLIP and CLOOB in one file, the method first: configs, image and text towers, Hopfield retrieval and the losses
+(with their distributed gather); then the tokenizer and checkpoint loading. Parameter names follow OpenAI's CLIP so
+its (and OpenCLIP's, and CLOOB's) weights load.
 
 CLIP  (Radford et al. 2021): symmetric InfoNCE on the normalised features, learnable temperature.
 CLOOB (Fürst et al. 2021): retrieve both modalities from modern Hopfield networks that store the batch,
@@ -59,140 +60,18 @@ class ModelConfig:
 # OpenAI's published shapes (the defaults are ViT-B/32's); two tiny ones for CPU work: the byte tokenizer (256 ids +
 # start + end), exact GELU (cheaper than QuickGELU on a CPU)
 CONFIGS = {
-    "RN50": ModelConfig(1024, 224, (3, 4, 6, 3), 64, None),
+    "RN50": ModelConfig(embed_dim=1024, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None),
     "ViT-B-32": ModelConfig(),
     "ViT-B-16": ModelConfig(vision_patch_size=16),
-    "ViT-L-14": ModelConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
-    "tiny-vit": ModelConfig(64, 32, 3, 128, 8, 48, 258, 64, 2, 2, quick_gelu=False),
-    "tiny-rn": ModelConfig(64, 64, (1, 1, 1, 1), 16, None, 48, 258, 128, 2, 3, quick_gelu=False),
+    "ViT-L-14": ModelConfig(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14,
+                            transformer_width=768, transformer_heads=12),
+    "tiny-vit": ModelConfig(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=8,
+                            context_length=48, vocab_size=258, transformer_width=64, transformer_heads=2,
+                            transformer_layers=2, quick_gelu=False),
+    "tiny-rn": ModelConfig(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
+                           vision_patch_size=None, context_length=48, vocab_size=258, transformer_width=128,
+                           transformer_heads=2, transformer_layers=3, quick_gelu=False),
 }
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer: OpenAI's CLIP BPE on tiktoken, or raw bytes
-
-# OpenAI's, MIT licence
-BPE_PATH = pathlib.Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")
-
-# OpenAI's tokenizer first runs ftfy.fix_text. Its character-level fixes are reproduced here (its mojibake repair,
-# fix_encoding, is not): one translate table for C1 controls (read as Windows-1252), Latin ligatures, full- and
-# half-width forms and curly quotes; then terminal escapes and other control characters go.
-_C1 = range(0x80, 0xA0)
-_LIGATURES = "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬆ"  # ftfy's, and ﬅ (long s, t): "ſt"
-_WIDTH_FORMS = [chr(c) for c in range(0xFF01, 0xFFF0)]  # full-width ASCII, half-width CJK forms
-_FTFY_CHARS = {
-    **{c: char for c, char in zip(_C1, bytes(_C1).decode("cp1252", "replace")) if char != "\ufffd"},
-    **{ord(c): unicodedata.normalize("NFKC", c) for c in [*_LIGATURES, *_WIDTH_FORMS]},
-    ord("ﬅ"): "ſt",
-    0x3000: " ",  # the ideographic space
-    **dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'"),
-    **dict.fromkeys(range(0x201C, 0x2020), '"'),
-}
-# C0 controls but tab, line breaks and form feed; DEL; deprecated format characters; byte-order mark; annotations
-_CONTROL_CHARS = dict.fromkeys([*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
-                                *range(0xFFF9, 0xFFFD)])
-_ANSI_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
-_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
-# ftfy's entities: HTML5's that end in ";", and the upper-case spelling of a lower-case one that means nothing else
-_ENTITIES = {"&" + name: char for name, char in html.entities.html5.items() if name.endswith(";")}
-_ENTITIES.update({name.upper(): char.upper() for name, char in _ENTITIES.items()
-                  if name == name.lower() and html.unescape(name.upper()) == name.upper()})
-
-
-def _unescape(match):
-    """ftfy's HTML unescaping of one entity: a known name, or a numeric reference that html.unescape decodes whole."""
-    entity = match.group()
-    if entity in _ENTITIES:
-        return _ENTITIES[entity]
-    char = html.unescape(entity)
-    return char if entity.startswith("&#") and ";" not in char else entity
-
-
-def _ftfy(text, entities=True):
-    """ftfy.fix_text's fixes in its order (line breaks left out: whitespace is collapsed later), until none changes
-    anything."""
-    while True:
-        before = text
-        if entities:  # HTML's
-            text = _HTML_ENTITY.sub(_unescape, text)
-        text = text.translate(_FTFY_CHARS)
-        # surrogate pairs joined, others: �
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        text = unicodedata.normalize("NFC", _ANSI_ESCAPE.sub("", text).translate(_CONTROL_CHARS))
-        if text == before:
-            return text
-
-
-def _bytes_to_unicode():
-    """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
-    # "!".."~", "¡".."¬", "®".."ÿ"
-    printable = [b for b in range(256) if chr(b).isprintable() and b != 32]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
-@functools.cache
-def _clip_encoding():
-    """CLIP's BPE as a tiktoken Encoding. CLIP's `x</w>` (last symbol of a word) becomes the bytes of x plus one
-    trailing space: the tokenizer joins pre-split words with spaces, and a space never occurs inside a word,
-    so tokens holding a real space byte are unreachable and dropped. Ranks are CLIP's ids, so BPE merge order
-    (lowest rank first) is CLIP's merge order, and the `x </w>` merges (ids 256..511) always come first."""
-    import tiktoken
-    b2u = _bytes_to_unicode()
-    u2b = {c: b for b, c in b2u.items()} | {" ": 32}  # CLIP's `</w>` is written as a trailing space
-    merges = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    symbols = list(b2u.values()) + [c + "</w>" for c in b2u.values()] + ["".join(m.split()) for m in merges]
-    ranks = {bytes(u2b[c] for c in s.replace("</w>", " ")): i for i, s in enumerate(symbols)
-             if b2u[32] not in s or s == b2u[32]}
-    return tiktoken.Encoding("clip", pat_str=r"\S+ ", mergeable_ranks=ranks,
-                             special_tokens={"<|startoftext|>": 49406, "<|endoftext|>": 49407})
-
-
-class Tokenizer:
-    """Text -> LongTensor [B, context_length]: start id, token ids, end id, zero padding. Too-long text is cut,
-    keeping the end id in the last slot (the text tower pools there). Start and end are the last two ids.
-      "clip":  OpenAI's CLIP BPE, token-for-token (49408 ids, start 49406, end 49407), from the merges file shipped
-               beside this file (BPE_PATH);
-      "bytes": UTF-8 bytes (256 ids + start + end), needs no file."""
-
-    def __init__(self, encoding="clip", context_length=77):
-        import regex  # installed with tiktoken
-        if encoding not in ("clip", "bytes"):
-            raise ValueError(f"tokenizer {encoding!r}: expected clip or bytes")
-        if encoding == "clip" and not BPE_PATH.is_file():
-            raise FileNotFoundError(f"CLIP BPE merges file not found: {BPE_PATH}")
-        self.name, self.context_length = encoding, context_length
-        self.enc = _clip_encoding() if encoding == "clip" else None
-        self.vocab_size = 49408 if self.enc else 258
-        self.sot, self.eot = self.vocab_size - 2, self.vocab_size - 1
-        self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|"""
-                                    r"""'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-
-    def _prepare(self, text):
-        """OpenAI's cleaning and pre-split: ftfy (which, line by line, stops unescaping HTML at the first line holding
-        a "<"), html.unescape twice, whitespace collapsed, lower case; CLIP's regex words, each followed by a space."""
-        cut = text.rfind("\n", 0, text.find("<")) + 1 if "<" in text else len(text)
-        text = html.unescape(html.unescape(_ftfy(text[:cut]) + _ftfy(text[cut:], entities=False)))
-        return "".join(w + " " for w in self._words.findall(" ".join(text.split()).lower()))
-
-    def encode(self, text):
-        """str -> list of ids, without start and end."""
-        if self.enc is None:
-            return list(text.encode("utf-8"))
-        # CLIP's special tokens honoured, as OpenAI
-        return self.enc.encode(self._prepare(text), allowed_special="all")
-
-    def __call__(self, texts):
-        """list of str (or one str) -> LongTensor [B, L], L <= context_length: the columns after the longest row's end
-        id, rounded up to a multiple of 8 (few distinct shapes), are cut. Exact: under causal attention a position never
-        sees later ones, and features are pooled at the end id. Real captions are short: the text tower runs a
-        fraction of its 77 positions. A plain loop: tiktoken's threaded encode_batch is slower for captions."""
-        texts = [texts] if isinstance(texts, str) else texts
-        ids = [self.encode(text)[:self.context_length - 2] for text in texts]
-        longest = max(map(len, ids), default=0) + 2  # with start and end
-        out = np.zeros((len(texts), min(self.context_length, math.ceil(longest / 8) * 8)), np.int64)
-        for row, row_ids in zip(out, ids):
-            row[:len(row_ids) + 2] = [self.sot, *row_ids, self.eot]
-        return torch.from_numpy(out)
 
 # ----------------------------------------------------------------------------------------------------
 # Towers. Modules batch-first ([B, L, D]); state_dict names and shapes are OpenAI's.
@@ -222,22 +101,26 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=gelu,
                                              c_proj=nn.Linear(4 * width, width)))
 
-    def forward(self, x, mask=None, causal=False, rows=slice(None)):
-        """x [B, L, D] -> x[rows] after the block: only the queries at `rows` are computed. mask [B, 1, 1, L]: True
-        where a query may look; causal: each position sees those up to its own (SDPA's fast kernel)."""
+    def forward(self, x, mask=None, causal=False, pool=None):
+        """x [B, L, D] -> the block's output [B, L, D]; with pool [B], only each row's position pool[b] is computed:
+        [B, 1, D]. mask [B, 1, 1, L]: True where a query may look; causal: each position sees those up to its own
+        (SDPA's fast kernel)."""
         qkv = F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)  # [B, L, 3D]
         q, k, v = qkv.chunk(3, dim=-1)
+        if pool is not None:  # the pooled queries, and the residual stream at them: [B, 1, D]
+            x, q = (t[torch.arange(len(t), device=t.device), pool, None] for t in (x, q))
         # [B, heads, L, D/heads]
-        q, k, v = (t.unflatten(-1, (self.attn.num_heads, -1)).transpose(1, 2) for t in (q[rows], k, v))
+        q, k, v = (t.unflatten(-1, (self.attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        x = x[rows] + self.attn.out_proj(out.transpose(1, 2).flatten(2))
+        x = x + self.attn.out_proj(out.transpose(1, 2).flatten(2))
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, quick_gelu=True):
         super().__init__()
-        self.width, self.layers, self.grad_checkpointing = width, layers, False
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
 
     def forward(self, x, pool, causal=False):
@@ -246,8 +129,7 @@ class Transformer(nn.Module):
         x = _run_blocks(self, self.resblocks[:-1], x, None, causal)
         positions = torch.arange(x.shape[1], device=x.device)
         mask = (positions <= pool[:, None])[:, None, None] if causal else None  # [B, 1, 1, L]
-        rows = (torch.arange(len(x), device=x.device), pool, None)  # x[rows]: [B, 1, D]
-        return _run_blocks(self, self.resblocks[-1:], x, mask, False, rows)
+        return _run_blocks(self, self.resblocks[-1:], x, mask, False, pool)
 
 
 class VisionTransformer(nn.Module):
@@ -331,7 +213,8 @@ class ModifiedResNet(nn.Module):
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        inplanes, self.grad_checkpointing = width, False
+        self.grad_checkpointing = False
+        inplanes = width
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
             rest = [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
@@ -424,6 +307,11 @@ def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank0():
+    """Whether this process is rank 0 of several, or the only one."""
+    return not _distributed() or dist.get_rank() == 0
+
+
 def setup_distributed():
     """-> (rank, world size, device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK, with the process group started
     (NCCL on GPUs, gloo on CPUs) where there are several ranks; a plain `python` run is rank 0 of 1."""
@@ -462,7 +350,8 @@ class SyncBatchNorm(nn.BatchNorm2d):
         if not (self.training and _distributed()):
             return super().forward(x)
         # n: per channel, all ranks
-        xf, n = x.to(self.weight.dtype), x.numel() / x.shape[1] * dist.get_world_size()
+        xf = x.to(self.weight.dtype)
+        n = x.numel() / x.shape[1] * dist.get_world_size()
         mean = _AllGather.apply(xf.sum((0, 2, 3))[None]).sum(0) / n  # [C]
         # two passes
         var = _AllGather.apply(((xf - mean[:, None, None]) ** 2).sum((0, 2, 3))[None]).sum(0) / n
@@ -474,12 +363,20 @@ class SyncBatchNorm(nn.BatchNorm2d):
         return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
 
 
+def convert_sync_batchnorm(module):
+    """Every BatchNorm2d in `module` becomes a SyncBatchNorm, in place: the same parameters and buffers."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.__class__ = SyncBatchNorm
+
+
 def gather(x):
     """All ranks' rows [n, D] -> ([W*n, D] with gradient, where this rank's rows start); (x, 0) in one process.
     A contrastive loss needs at least 2 rows in all."""
     offset = 0
     if _distributed():
-        x, offset = _AllGather.apply(x), dist.get_rank() * len(x)
+        offset = dist.get_rank() * len(x)
+        x = _AllGather.apply(x)
     if x.shape[0] < 2:
         raise ValueError(f"a contrastive loss needs a global batch of 2 or more samples, got {len(x)}")
     return x, offset
@@ -527,6 +424,135 @@ def clip_loss(image_features, text_features, logit_scale):
     logits_per_image = logit_scale * image_features @ Y.T  # [n, N]
     logits_per_text = logit_scale * text_features @ X.T
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: OpenAI's CLIP BPE on tiktoken, or raw bytes
+
+# OpenAI's, MIT licence
+BPE_PATH = pathlib.Path(__file__).resolve().with_name("bpe_simple_vocab_16e6.txt.gz")
+
+# OpenAI's tokenizer first runs ftfy.fix_text. Its character-level fixes are reproduced here (its mojibake repair,
+# fix_encoding, is not): one translate table for C1 controls (read as Windows-1252), Latin ligatures, full- and
+# half-width forms and curly quotes; then terminal escapes and other control characters go.
+_C1 = range(0x80, 0xA0)
+_LIGATURES = "ĲĳŉǱǲǳǄǅǆǇǈǉǊǋǌﬀﬁﬂﬃﬄﬆ"  # ftfy's, and ﬅ (long s, t): "ſt"
+_WIDTH_FORMS = [chr(c) for c in range(0xFF01, 0xFFF0)]  # full-width ASCII, half-width CJK forms
+_FTFY_CHARS = {
+    **{c: char for c, char in zip(_C1, bytes(_C1).decode("cp1252", "replace")) if char != "\ufffd"},
+    **{ord(c): unicodedata.normalize("NFKC", c) for c in [*_LIGATURES, *_WIDTH_FORMS]},
+    ord("ﬅ"): "ſt",
+    0x3000: " ",  # the ideographic space
+    **dict.fromkeys([0x2BC, *range(0x2018, 0x201C)], "'"),
+    **dict.fromkeys(range(0x201C, 0x2020), '"'),
+}
+# C0 controls but tab, line breaks and form feed; DEL; deprecated format characters; byte-order mark; annotations
+_CONTROL_CHARS = dict.fromkeys([*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
+                                *range(0xFFF9, 0xFFFD)])
+_ANSI_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
+_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+# ftfy's entities: HTML5's that end in ";", and the upper-case spelling of a lower-case one that means nothing else
+_ENTITIES = {"&" + name: char for name, char in html.entities.html5.items() if name.endswith(";")}
+_ENTITIES.update({name.upper(): char.upper() for name, char in _ENTITIES.items()
+                  if name == name.lower() and html.unescape(name.upper()) == name.upper()})
+
+
+def _unescape(match):
+    """ftfy's HTML unescaping of one entity: a known name, or a numeric reference that html.unescape decodes whole."""
+    entity = match.group()
+    if entity in _ENTITIES:
+        return _ENTITIES[entity]
+    char = html.unescape(entity)
+    return char if entity.startswith("&#") and ";" not in char else entity
+
+
+def _ftfy(text, entities=True):
+    """ftfy.fix_text's fixes in its order (line breaks left out: whitespace is collapsed later), until none changes
+    anything."""
+    while True:
+        before = text
+        if entities:  # HTML's
+            text = _HTML_ENTITY.sub(_unescape, text)
+        text = text.translate(_FTFY_CHARS)
+        # surrogate pairs joined, others: �
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        text = unicodedata.normalize("NFC", _ANSI_ESCAPE.sub("", text).translate(_CONTROL_CHARS))
+        if text == before:
+            return text
+
+
+def _bytes_to_unicode():
+    """OpenAI's (GPT-2's) byte -> printable character table; its order is the order of the first 256 ids."""
+    # "!".."~", "¡".."¬", "®".."ÿ"
+    printable = [b for b in range(256) if chr(b).isprintable() and b != 32]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+@functools.cache
+def _clip_encoding():
+    """CLIP's BPE as a tiktoken Encoding. CLIP's `x</w>` (last symbol of a word) becomes the bytes of x plus one
+    trailing space: the tokenizer joins pre-split words with spaces, and a space never occurs inside a word,
+    so tokens holding a real space byte are unreachable and dropped. Ranks are CLIP's ids, so BPE merge order
+    (lowest rank first) is CLIP's merge order, and the `x </w>` merges (ids 256..511) always come first."""
+    import tiktoken
+    b2u = _bytes_to_unicode()
+    u2b = {c: b for b, c in b2u.items()} | {" ": 32}  # CLIP's `</w>` is written as a trailing space
+    # the file's first line is a header; CLIP's ids: 256 bytes, 256 bytes ending a word, the merges, start, end
+    n_merges = 49408 - 2 * 256 - 2
+    merges = gzip.open(BPE_PATH).read().decode("utf-8").split("\n")[1:n_merges + 1]
+    symbols = list(b2u.values()) + [c + "</w>" for c in b2u.values()] + ["".join(m.split()) for m in merges]
+    ranks = {bytes(u2b[c] for c in s.replace("</w>", " ")): i for i, s in enumerate(symbols)
+             if b2u[32] not in s or s == b2u[32]}
+    return tiktoken.Encoding("clip", pat_str=r"\S+ ", mergeable_ranks=ranks,
+                             special_tokens={"<|startoftext|>": 49406, "<|endoftext|>": 49407})
+
+
+class Tokenizer:
+    """Text -> LongTensor [B, context_length]: start id, token ids, end id, zero padding. Too-long text is cut,
+    keeping the end id in the last slot (the text tower pools there). Start and end are the last two ids.
+      "clip":  OpenAI's CLIP BPE, token-for-token (49408 ids, start 49406, end 49407), from the merges file shipped
+               beside this file (BPE_PATH);
+      "bytes": UTF-8 bytes (256 ids + start + end), needs no file."""
+
+    def __init__(self, encoding="clip", context_length=77):
+        import regex  # installed with tiktoken
+        if encoding not in ("clip", "bytes"):
+            raise ValueError(f"tokenizer {encoding!r}: expected clip or bytes")
+        if encoding == "clip" and not BPE_PATH.is_file():
+            raise FileNotFoundError(f"CLIP BPE merges file not found: {BPE_PATH}")
+        self.name, self.context_length = encoding, context_length
+        self.enc = _clip_encoding() if encoding == "clip" else None
+        self.vocab_size = 49408 if self.enc else 258
+        self.sot, self.eot = self.vocab_size - 2, self.vocab_size - 1
+        self._words = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|"""
+                                    r"""'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+
+    def _prepare(self, text):
+        """OpenAI's cleaning and pre-split: ftfy (which, line by line, stops unescaping HTML at the first line holding
+        a "<"), html.unescape twice, whitespace collapsed, lower case; CLIP's regex words, each followed by a space."""
+        cut = text.rfind("\n", 0, text.find("<")) + 1 if "<" in text else len(text)
+        text = html.unescape(html.unescape(_ftfy(text[:cut]) + _ftfy(text[cut:], entities=False)))
+        return "".join(w + " " for w in self._words.findall(" ".join(text.split()).lower()))
+
+    def encode(self, text):
+        """str -> list of ids, without start and end."""
+        if self.enc is None:
+            return list(text.encode("utf-8"))
+        # CLIP's special tokens honoured, as OpenAI
+        return self.enc.encode(self._prepare(text), allowed_special="all")
+
+    def __call__(self, texts):
+        """list of str (or one str) -> LongTensor [B, L], L <= context_length: the columns after the longest row's end
+        id, rounded up to a multiple of 8 (few distinct shapes), are cut. Exact: under causal attention a position never
+        sees later ones, and features are pooled at the end id. Real captions are short: the text tower runs a
+        fraction of its 77 positions. A plain loop: tiktoken's threaded encode_batch is slower for captions."""
+        texts = [texts] if isinstance(texts, str) else texts
+        ids = [self.encode(text)[:self.context_length - 2] for text in texts]
+        longest = max(map(len, ids), default=0) + 2  # with start and end
+        out = np.zeros((len(texts), min(self.context_length, math.ceil(longest / 8) * 8)), np.int64)
+        for row, row_ids in zip(out, ids):
+            row[:len(row_ids) + 2] = [self.sot, *row_ids, self.eot]
+        return torch.from_numpy(out)
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: ours, OpenAI's TorchScript archives, OpenAI-layout state dicts (OpenCLIP), official CLOOB

@@ -221,7 +221,8 @@ class CsvCaptions(Dataset):
             problem = f"no column {missing[0]!r}" if missing else "a column name given twice"
             raise ValueError(f"{path}: {problem} (columns: {columns}); "
                              f"set --csv-img-key / --csv-caption-key / --csv-separator")
-        self.rows, root = [], os.path.dirname(os.path.abspath(path))
+        root = os.path.dirname(os.path.abspath(path))
+        self.rows = []
         for row in reader:
             # None where a short row lacks the field
             image, caption = row[img_key], row[caption_key]
@@ -332,7 +333,8 @@ def global_batches(num_samples, batch_size, rank=0, world=1, seed=0, start=0, ac
     micro-batch k of each rank holds its share of the global batch's micro-batch k: the ranks together normalise
     (--sync-bn) what one process would. Without: rank r takes rows [r*batch_size, (r+1)*batch_size). Infinite, from
     step `start`: a generator, which DataLoader takes as its sampler."""
-    per_epoch, perm = steps_per_epoch(num_samples, batch_size * world), None
+    per_epoch = steps_per_epoch(num_samples, batch_size * world)
+    perm = None
     for step in itertools.count(start):
         epoch, b = divmod(step, per_epoch)
         if b == 0 or perm is None:
@@ -439,6 +441,7 @@ class TarShards(IterableDataset):
                         captions.append(caption)
                         if len(images) == self.batch_size:
                             yield torch.stack(images), captions, skipped, (epoch, j, k + 1, found)
-                            images, captions, skipped, step = [], [], Counter(), step + workers
+                            images, captions, skipped = [], [], Counter()
+                            step += workers
                 except (tarfile.TarError, EOFError, zlib.error):
                     skipped[f"damaged shard {os.path.basename(order[j])}"] += 1

@@ -450,9 +450,9 @@ def _distributed_setup(method):
     if method == "sync-bn":
         model = cloob.CLIP(dataclasses.replace(MICRO, vision_layers=(1, 1, 1, 1), vision_width=16, image_resolution=32))
         model.double()
+        cloob.convert_sync_batchnorm(model)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.__class__ = cloob.SyncBatchNorm
                 torch.nn.init.normal_(m.weight)
         images = F.interpolate(images, size=32).double()
     else:
@@ -480,6 +480,7 @@ def _skipped_step(rank, flags):
     was taken, whether weights, buffers and optimizer state are as before)."""
     args = train.parse_args(["--model", "tiny-rn", "--batch-size", "4", *flags.split()])
     model, _ = train.build_model(args, CPU)
+    args = train.settings(args, model, None, 2)
     net, optimizer, scaler, ctx = train.prepare(args, model, CPU, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(rank)) * 255
@@ -1100,7 +1101,7 @@ def test_weight_decay_applies_to_weight_matrices_only(preset):
     (OpenCLIP's rule, by module and name)."""
     args = train.parse_args(["--method", "clip", "--model", preset, "--wd", "0.5", "--lr", "0.1"])
     model, _ = train.build_model(args, CPU)
-    _, optimizer, _, _ = train.prepare(args, model, CPU, 1)
+    _, optimizer, _, _ = train.prepare(train.settings(args, model, None, 1), model, CPU, 1)
     norms = {f"{name}.{p}".lstrip(".") for name, m in model.named_modules()
              if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)) for p, _ in m.named_parameters(recurse=False)}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -1117,6 +1118,7 @@ def _step_setup(flags, seed=0):
     tokens)."""
     args = train.parse_args(["--model", "tiny-rn", "--batch-size", "4", *flags])
     model, _ = train.build_model(args, CPU)
+    args = train.settings(args, model, None, 1)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 256, (4, 48), generator=g)
     tokens[:, 20] = 257
@@ -1161,8 +1163,9 @@ def test_gradients_that_are_not_finite_skip_the_step():
 @pytest.mark.parametrize("flags", [["--accum-steps", "4"], ["--grad-checkpointing"]])
 def test_one_step_updates_batchnorm_statistics_once(flags):
     args = train.parse_args(["--model", "tiny-rn", "--batch-size", "8", *flags])
-    model, _ = train.build_model(args, torch.device("cpu"))
-    net, optimizer, scaler, ctx = train.prepare(args, model, torch.device("cpu"), 1)
+    model, _ = train.build_model(args, CPU)
+    args = train.settings(args, model, None, 1)
+    net, optimizer, scaler, ctx = train.prepare(args, model, CPU, 1)
     images, tokens = torch.randn(8, 3, 64, 64), torch.randint(0, 256, (8, 48))
     tokens[:, 20] = 257
     train.train_step(args, model, net, optimizer, scaler, ctx, images, tokens, 1)
@@ -1431,8 +1434,10 @@ def test_fine_tuning_a_resnet_trains_in_train_mode_and_resumes_exactly(tmp_path)
 def test_adamw_defaults_and_run_name_follow_the_loaded_model(preset, method, beta2, eps, tmp_path):
     cloob.save_checkpoint(str(tmp_path / "model.pt"), cloob.CLIP(cloob.CONFIGS[preset]), "bytes", "clip")
     args = train.parse_args(["--pretrained", str(tmp_path / "model.pt"), "--method", method])
-    model, _ = train.build_model(args, torch.device("cpu"))
-    assert (args.beta2, args.eps) == (beta2, eps) and args.name.startswith(f"{method}-model-") and model.training
+    model, _ = train.build_model(args, CPU)
+    run = train.settings(args, model, "bytes", 1)  # the settings once the model is known; the command's stay
+    assert (run.beta2, run.eps) == (beta2, eps) and args.name.startswith(f"{method}-model-") and model.training
+    assert (args.beta2, args.eps) == (None, None)
 
 
 def test_learnable_cloob_temperature_is_clamped(tmp_path):

@@ -152,7 +152,8 @@ def build_model(args, device):
         model, info = cloob.load_model(args.pretrained, **(dict(quick_gelu=False) if args.gelu else {}))
         tokenizer = cloob.tokenizer_for(model.config, args.tokenizer or info["tokenizer"])
     else:
-        config, tokenizer = cloob.CONFIGS[args.model], None
+        config = cloob.CONFIGS[args.model]
+        tokenizer = None
         # a new model takes its tokenizer's vocabulary (--bench's tokens are random)
         if not args.bench:
             tokenizer = cloob.Tokenizer(args.tokenizer or ("bytes" if args.train_data == "synthetic" else "clip"),
@@ -162,13 +163,20 @@ def build_model(args, device):
         model = cloob.CLIP(config)
     if args.method == "cloob":  # CLIP's: a new model's (1/0.07, learnable), or the loaded one's
         model.set_temperature(args.init_inv_tau, learnable=args.learn_inv_tau)
-    # AdamW follows the model trained, preset or loaded
-    vit = isinstance(model.config.vision_layers, int)
-    args.beta2 = args.beta2 or (0.98 if vit else 0.999)
-    # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of
-    # 1e-6 (OpenAI's for ViTs) would damp its Adam steps
-    args.eps = args.eps or (1e-6 if vit and args.method == "clip" else 1e-8)
     return model.to(device).train(), tokenizer  # load_model gives eval mode
+
+
+def settings(args, model, tokenizer, world):
+    """The run's settings, resolved once the model is known: the command's (with the data's defaults), AdamW's beta2
+    and eps for the model trained (preset or loaded), and what a resume must match (tokenizer, ranks, global batch).
+    Every step after this reads them; config.json and each checkpoint record them; a resume compares them."""
+    vit = isinstance(model.config.vision_layers, int)
+    # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of 1e-6
+    # (OpenAI's for ViTs) would damp its Adam steps
+    eps = 1e-6 if vit and args.method == "clip" else 1e-8
+    resolved = dict(beta2=args.beta2 or (0.98 if vit else 0.999), eps=args.eps or eps, tokenizer=tokenizer,
+                    world_size=world, global_batch=world * args.batch_size)
+    return argparse.Namespace(**vars(args) | resolved)
 
 
 def open_data(args, rank, world):
@@ -219,16 +227,19 @@ def _exit_on_sigterm_from_parent():
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save(args, run_dir, model, tokenizer, optimizer, scaler, step, stream):
-    """`stream`: every rank's loader slots' positions (tar shards). No RNG state: nothing draws from torch's generators
-    while training (data randomness is numpy's, a function of seed, step and index)."""
+def save(args, run_dir, model, tokenizer, optimizer, scaler, step, positions):
+    """Rank 0 writes the checkpoint of step `step`, with every rank's loader slots' stream positions (tar shards).
+    No RNG state: nothing draws from torch's generators while training (data randomness is numpy's, a function of
+    seed, step and index). -> its path."""
     path = run_dir / "checkpoints" / f"step_{step:07d}.pt"
-    cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
-                          beta=args.hopfield_beta if args.method == "cloob" else None, step=step,
-                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args), stream=stream)
-    # keep the newest two (the run directory holds only this run)
-    for old in cloob.checkpoints(run_dir)[:-2]:
-        os.remove(old)
+    stream = zeroshot._all_ranks(positions)
+    if cloob.rank0():
+        cloob.save_checkpoint(path, model, tokenizer.name, args.method, inv_tau=model.logit_scale.exp().item(),
+                              beta=args.hopfield_beta if args.method == "cloob" else None, step=step, stream=stream,
+                              optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), args=vars(args))
+        # keep the newest two (the run directory holds only this run)
+        for old in cloob.checkpoints(run_dir)[:-2]:
+            os.remove(old)
     return path
 
 
@@ -237,7 +248,7 @@ RESUME_KEYS = ("method", "tokenizer", "global_batch", "seed", "train_data", "tra
 CLOOB_KEYS = ("hopfield_beta", "init_inv_tau", "learn_inv_tau")
 
 
-def resume(args, run_dir, model, optimizer, scaler, rank):
+def resume(args, run_dir, model, optimizer, scaler):
     """-> (the step to continue from, the checkpoint, every rank's loader positions), (0, None, None) for a new run.
     --resume latest takes the newest checkpoint that can be read (saying which it skipped); a run directory with
     checkpoints needs --resume. This run's --lr, --wd, --beta2 and --eps apply from here on (the resume line names
@@ -253,7 +264,7 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
         except ValueError as e:
             if args.resume != "latest":
                 raise ValueError(f"--resume: {e}") from None
-            print0(rank, f"--resume latest: skipping {e}")
+            print0(f"--resume latest: skipping {e}")
             continue
         if not isinstance(ckpt, dict) or not {"args", "optimizer", "stream"} <= ckpt.keys():
             raise ValueError(f"--resume: {path} is not a train.py checkpoint (start from its weights: --pretrained)")
@@ -275,11 +286,11 @@ def resume(args, run_dir, model, optimizer, scaler, rank):
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
             scaler.load_state_dict(ckpt["scaler"])
         changed = [f"; {k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
-        print0(rank, f"resuming from {path} (step {ckpt['step']}{''.join(changed)})")
+        print0(f"resuming from {path} (step {ckpt['step']}{''.join(changed)})")
         return ckpt["step"], path, ckpt["stream"]
     if found:
         raise ValueError(f"--resume latest: no readable checkpoint in {run_dir}/checkpoints")
-    print0(rank, f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
+    print0(f"--resume latest: no checkpoint in {run_dir} yet: starting a new run")
     return 0, None, None
 
 
@@ -304,9 +315,9 @@ def open_run_dir(args, run_dir, start, total):
     (run_dir / "config.json").write_text(json.dumps(dict(vars(args), total_steps=total), indent=1))
 
 
-def print0(rank, line, run_dir=None, event=None):
+def print0(line, run_dir=None, event=None):
     """Rank 0 prints the line and appends the event to the run's metrics.jsonl."""
-    if rank == 0:
+    if cloob.rank0():
         print(line, flush=True)
         if event:
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -320,10 +331,8 @@ def prepare(args, model, device, world):
     decay on tensors of >= 2 dims only, fused: one kernel, and it can skip a step on the device; GradScaler, active
     for fp16 only; the autocast context, or none for fp32)."""
     model.set_grad_checkpointing(args.grad_checkpointing)
-    if args.sync_bn:  # the same parameters and buffers; statistics of the global batch
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.__class__ = cloob.SyncBatchNorm
+    if args.sync_bn:  # statistics of the global batch
+        cloob.convert_sync_batchnorm(model)
     if device.type == "cuda" and not isinstance(model.config.vision_layers, int):
         # faster convolutions on tensor cores; the NCHW images follow (cuDNN's layout is channels_last if the weights')
         model.visual.to(memory_format=torch.channels_last)
@@ -444,6 +453,7 @@ def flops_per_sample(config):
 def bench(args, model, device, world):
     """Time train_step on a batch already on the device: the mean of --steps steps after 5 warm-up steps (compilation,
     the allocator, kernel choice), the device synchronised. -> a dict, printed as one JSON object."""
+    args = settings(args, model, None, world)
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     c = model.config
     images = torch.zeros(args.batch_size, 3, c.image_resolution, c.image_resolution, dtype=torch.uint8, device=device)
@@ -478,102 +488,137 @@ def train(args, rank, world, device):
     run_dir = pathlib.Path(args.logs_dir, args.name)
     dataset = open_data(args, rank, world)
     model, tokenizer = build_model(args, device)
+    args = settings(args, model, tokenizer.name, world)
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
-    args.tokenizer, args.world_size, args.global_batch = tokenizer.name, world, world * args.batch_size  # for resume
-    start, last_good, stream = resume(args, run_dir, model, optimizer, scaler, rank)
+    start, last_good, stream = resume(args, run_dir, model, optimizer, scaler)
     # this rank's loader slots' stream positions (tar shards; None: from the start)
     positions = stream[rank] if stream else [None] * max(1, args.workers)
     resolution = model.config.image_resolution
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start, positions)
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:  # a requeued job whose run has finished is not a failure
-        print0(rank, f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
+        print0(f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
     tasks = None  # at zeroshot.py's batch size; its loader workers leave stop signals to this process too
     if args.zeroshot_data:
         tasks = zeroshot.benchmark(args.zeroshot_data, resolution, workers=args.workers, worker_init_fn=_worker_signals)
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
-    print0(rank, f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-                 f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
-    recipe = "the demo's" if args.train_data == "synthetic" else "the official CLOOB recipe's (real data)"
-    print0(rank, f"defaults: {recipe}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.defaults.items()))
-    if args.warmup >= total:
-        print0(rank, f"warning: the warm-up ({args.warmup} steps) is the whole run: the rate stays below --lr")
-    # losses, stop signals and skip counts are reduced over a CPU group
-    cpu_group = dist.new_group(backend="gloo") if world > 1 else None
-    skipped = Counter()  # unusable samples, by reason
-    t0 = time.time()
-    waiting = 0.0  # for the next batch, in seconds
-    streak = nonfinite = overflows = 0  # steps skipped: not finite in a row, not finite in all, fp16 overflows
+    announce(args, model, device, total, run_dir)
+    monitor = Monitor(args, run_dir, start, total, steps_per_epoch)
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        wait = time.time()
-        images, tokens, batch_skipped, position = next(batches)
-        waiting += time.time() - wait
-        skipped += batch_skipped
-        positions[step % len(positions)] = position  # its loader slot's
+        images, tokens, positions[step % len(positions)] = monitor.next_batch(batches)  # its loader slot's position
         loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
-        loss_finite, grads_finite = finite.tolist()  # the step's one wait for the device
-        if loss_finite and grads_finite:
-            streak = 0
-        elif loss_finite and args.precision == "fp16":  # GradScaler's calibration: the loss scale halves
-            overflows += 1
-        else:
-            streak += 1
-            nonfinite += 1
         done = step + 1
-        if streak == 5:  # the weights are those before the first of these steps
-            raise FloatingPointError(f"the loss or its gradients were not finite for 5 steps in a row (by step "
-                                     f"{done}); last checkpoint: {last_good}; try a lower --lr")
+        monitor.count(finite, done, last_good)
         if done % args.log_every == 0 or done == total:
-            stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(stats, group=cpu_group)
-            elapsed = time.time() - t0
-            event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
-                         inv_temperature=model.logit_scale.exp().item(), data_wait=waiting / elapsed,
-                         samples_per_s=(done - start) * args.batch_size * world / elapsed, skipped=int(stats[1]),
-                         nonfinite_steps=nonfinite, fp16_overflows=overflows)
-            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
-                    f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
-                    f"{event['data_wait']:.0%} eta {(total - done) / (done - start) * elapsed / 60:.1f} min")
-            line += f" skipped {dict(skipped)}" if skipped else ""
-            line += f" non-finite: {nonfinite} steps skipped" if nonfinite else ""
-            if overflows:
-                line += f" fp16 overflows: {overflows} (loss scale now 2^{math.log2(scaler.get_scale()):g})"
-            print0(rank, line, run_dir, event)
-        stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)  # a stop signal's number, or 0
-        if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=cpu_group)
-        stop = int(stop)
+            monitor.log(done, lr, loss, model, scaler)
+        stop = monitor.stop_signal()
         save_now = done % args.save_every == 0 or done == total or stop
         evaluate_now = (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total
-        # without --sync-bn, each rank's BatchNorm statistics drift
-        if world > 1 and (save_now or evaluate_now):
+        if world > 1 and (save_now or evaluate_now):  # without --sync-bn, each rank's BatchNorm statistics drift
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
         if save_now:
-            stream = zeroshot._all_ranks(positions)  # every rank's
-        if save_now and rank == 0:
-            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, stream)
+            last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, positions)
         if evaluate_now and tasks:  # also at a stop: the resumed run starts after this step
-            # every rank evaluates its share of the images and gets the same results
-            results = zeroshot.evaluate(model.eval(), tokenizer, *tasks, device)
-            model.train()
-            top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
-            print0(rank, f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items()), run_dir,
-                   dict(step=done, **top1))
+            evaluate(model, tokenizer, tasks, device, done, run_dir)
         if stop and done < total:
-            print0(rank, f"stopped by {signal.Signals(stop).name} after step {done}: saved {last_good}; continue "
-                         f"with the same command and --name {shlex.quote(args.name)} --resume latest")
+            print0(f"stopped by {signal.Signals(stop).name} after step {done}: saved {last_good}; continue with the "
+                   f"same command and --name {shlex.quote(args.name)} --resume latest")
             if world > 1:
-                dist.barrier(group=cpu_group)  # every rank exits after rank 0 has saved
+                dist.barrier(group=monitor.cpu_group)  # every rank exits after rank 0 has saved
             return 128 + stop
-    print0(rank, f"done: checkpoints and metrics.jsonl in {run_dir}")
+    print0(f"done: checkpoints and metrics.jsonl in {run_dir}")
     return 0
+
+
+def announce(args, model, device, total, run_dir):
+    """The start line; the data's defaults in effect, as flags; a warm-up as long as the run is a warning."""
+    print0(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"{args.world_size} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> "
+           f"{run_dir}")
+    recipe = "the demo's" if args.train_data == "synthetic" else "the official CLOOB recipe's (real data)"
+    print0(f"defaults: {recipe}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.defaults.items()))
+    if args.warmup >= total:
+        print0(f"warning: the warm-up ({args.warmup} steps) is the whole run: the rate stays below --lr")
+
+
+class Monitor:
+    """The loop's bookkeeping on this rank: the time spent waiting for batches, unusable samples, skipped steps (the
+    fifth non-finite one in a row stops the run; fp16 overflows, GradScaler's calibration, are counted apart), the
+    log line with its metrics.jsonl event, and the stop-signal agreement. Sums over ranks and the agreement go through
+    a CPU process group."""
+
+    def __init__(self, args, run_dir, start, total, steps_per_epoch):
+        self.args, self.run_dir = args, run_dir
+        self.start, self.total, self.steps_per_epoch = start, total, steps_per_epoch
+        self.cpu_group = dist.new_group(backend="gloo") if args.world_size > 1 else None
+        self.t0 = time.time()
+        self.waiting = 0.0  # for batches, in seconds
+        self.skipped = Counter()  # unusable samples, by reason
+        self.streak = self.nonfinite = self.overflows = 0  # steps skipped: not finite in a row, in all; fp16 overflows
+
+    def next_batch(self, batches):
+        """-> this rank's next (images, tokens, stream position), the wait timed, its unusable samples counted."""
+        wait = time.time()
+        images, tokens, skipped, position = next(batches)
+        self.waiting += time.time() - wait
+        self.skipped += skipped
+        return images, tokens, position
+
+    def count(self, finite, done, last_good):
+        """Counts a step by its flags [loss finite, gradients finite] (read here: the step's one wait for the device)."""
+        loss_finite, grads_finite = finite.tolist()
+        if loss_finite and grads_finite:
+            self.streak = 0
+        elif loss_finite and self.args.precision == "fp16":  # GradScaler's calibration: the loss scale halves
+            self.overflows += 1
+        else:
+            self.streak += 1
+            self.nonfinite += 1
+        if self.streak == 5:  # the weights are those before the first of these steps
+            raise FloatingPointError(f"the loss or its gradients were not finite for 5 steps in a row (by step "
+                                     f"{done}); last checkpoint: {last_good}; try a lower --lr")
+
+    def log(self, done, lr, loss, model, scaler):
+        """A line, and (rank 0) an event in metrics.jsonl: the loss averaged and the unusable samples summed over the
+        ranks."""
+        args, elapsed, skipped = self.args, time.time() - self.t0, self.skipped
+        stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
+        if args.world_size > 1:
+            dist.all_reduce(stats, group=self.cpu_group)
+        event = dict(step=done, epoch=done / self.steps_per_epoch, loss=stats[0].item() / args.world_size, lr=lr,
+                     inv_temperature=model.logit_scale.exp().item(), data_wait=self.waiting / elapsed,
+                     samples_per_s=(done - self.start) * args.global_batch / elapsed, skipped=int(stats[1]),
+                     nonfinite_steps=self.nonfinite, fp16_overflows=self.overflows)
+        line = (f"step {done}/{self.total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
+                f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
+                f"{event['data_wait']:.0%} eta {(self.total - done) / (done - self.start) * elapsed / 60:.1f} min")
+        line += f" skipped {dict(skipped)}" if skipped else ""
+        line += f" non-finite: {self.nonfinite} steps skipped" if self.nonfinite else ""
+        if self.overflows:
+            line += f" fp16 overflows: {self.overflows} (loss scale now 2^{math.log2(scaler.get_scale()):g})"
+        print0(line, self.run_dir, event)
+
+    def stop_signal(self):
+        """A stop signal's number, or 0, the same on every rank: one may get it a step after another (the MAX)."""
+        stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)
+        if self.args.world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return int(stop)
+
+
+def evaluate(model, tokenizer, tasks, device, done, run_dir):
+    """Zero-shot top-1 of the model as it is after step `done`, printed and logged; every rank evaluates its share
+    of the images and gets the same results."""
+    results = zeroshot.evaluate(model.eval(), tokenizer, *tasks, device)
+    model.train()
+    top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
+    print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items()), run_dir, dict(step=done, **top1))
 
 
 def main(argv=None):

@@ -95,10 +95,6 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu"):
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def _rank0():
-    return not cloob._distributed() or dist.get_rank() == 0
-
-
 def progress(items, total, what, step=1):
     """Yields `items`, each `step` of `total` `what`. On rank 0, once they have taken 2 seconds, says on stderr at each
     tenth how many are done, how fast, and the time left: one line rewritten on a terminal, a line each in a log file.
@@ -107,7 +103,7 @@ def progress(items, total, what, step=1):
     for i, item in enumerate(items, 1):
         yield item
         done, elapsed = min(total, i * step), time.time() - start
-        if done * 10 // total > tenths and elapsed > 2 and _rank0():
+        if done * 10 // total > tenths and elapsed > 2 and cloob.rank0():
             tenths = done * 10 // total
             end = "\r" if sys.stderr.isatty() and done < total else "\n"
             print(f"{what} {done}/{total}: {done / elapsed:.0f}/s, {(total - done) / done * elapsed / 60:.1f} min left",
@@ -316,7 +312,7 @@ def class_task(folder, classnames=None, templates=None):
     if len(names) != len(folder.classes):
         raise ValueError(f"{classnames}: {len(names)} class names for {len(folder.classes)} class folders")
     repeated = sorted(name for name, n in Counter(names).items() if n > 1)
-    if repeated and _rank0():  # two classes named alike score alike: top-k credits one of them
+    if repeated and cloob.rank0():  # two classes named alike score alike: top-k credits one of them
         print(f"warning: class names given twice: {repeated}", file=sys.stderr)
     return names, read_templates(templates or "ensemble")
 
