@@ -53,24 +53,20 @@ class ModelConfig:
 
     def __post_init__(self):  # a ViT's patches must tile the image (else it drops the border pixels)
         if isinstance(self.vision_layers, int) and self.image_resolution % self.vision_patch_size:
-            raise ValueError(f"image_resolution {self.image_resolution} is not a multiple of vision_patch_size "
-                             f"{self.vision_patch_size}")
+            raise ValueError(f"vision_patch_size {self.vision_patch_size} does not divide {self.image_resolution}")
 
 
 # OpenAI's published shapes (the defaults are ViT-B/32's); two tiny ones for CPU work: the byte tokenizer (256 ids +
-# start + end), exact GELU (cheaper than QuickGELU on a CPU)
+# start + end), exact GELU (cheaper than QuickGELU on a CPU). Positional fields, in order: embed_dim,
+# image_resolution, vision_layers, vision_width, vision_patch_size, context_length, vocab_size, transformer_width,
+# transformer_heads, transformer_layers.
 CONFIGS = {
-    "RN50": ModelConfig(embed_dim=1024, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None),
+    "RN50": ModelConfig(1024, 224, (3, 4, 6, 3), 64, None),
     "ViT-B-32": ModelConfig(),
     "ViT-B-16": ModelConfig(vision_patch_size=16),
-    "ViT-L-14": ModelConfig(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14,
-                            transformer_width=768, transformer_heads=12),
-    "tiny-vit": ModelConfig(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=8,
-                            context_length=48, vocab_size=258, transformer_width=64, transformer_heads=2,
-                            transformer_layers=2, quick_gelu=False),
-    "tiny-rn": ModelConfig(embed_dim=64, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
-                           vision_patch_size=None, context_length=48, vocab_size=258, transformer_width=128,
-                           transformer_heads=2, transformer_layers=3, quick_gelu=False),
+    "ViT-L-14": ModelConfig(768, 224, 24, 1024, 14, transformer_width=768, transformer_heads=12),
+    "tiny-vit": ModelConfig(64, 32, 3, 128, 8, 48, 258, 64, 2, 2, quick_gelu=False),
+    "tiny-rn": ModelConfig(64, 64, (1, 1, 1, 1), 16, None, 48, 258, 128, 2, 3, quick_gelu=False),
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,8 +115,7 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, quick_gelu=True):
         super().__init__()
-        self.width, self.layers = width, layers
-        self.grad_checkpointing = False
+        self.width, self.layers, self.grad_checkpointing = width, layers, False
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
 
     def forward(self, x, pool, causal=False):
@@ -213,8 +208,7 @@ class ModifiedResNet(nn.Module):
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        self.grad_checkpointing = False
-        inplanes = width
+        inplanes, self.grad_checkpointing = width, False
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
             rest = [Bottleneck(planes * 4, planes) for _ in range(blocks - 1)]
@@ -314,13 +308,14 @@ def rank0():
 
 def setup_distributed():
     """-> (rank, world size, device) from torchrun's RANK, WORLD_SIZE, LOCAL_RANK, with the process group started
-    (NCCL on GPUs, gloo on CPUs) where there are several ranks; a plain `python` run is rank 0 of 1."""
+    where there are several ranks (gloo on CPUs; on GPUs NCCL for CUDA tensors, gloo for CPU tensors: the loop's
+    small sums and votes need no device sync); a plain `python` run is rank 0 of 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

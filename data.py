@@ -7,7 +7,9 @@ import math
 import os
 import pathlib
 import re
+import signal
 import tarfile
+import threading
 import zlib
 from collections import Counter
 from functools import partial
@@ -25,6 +27,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 TAR_EXTS = (".tar", ".tar.gz")  # webdataset shards, plain or gzipped
 # a tar member's extension -> what it holds
 MEMBER_KINDS = {".txt": "txt", **dict.fromkeys(IMAGE_EXTS, "image")}
+# cluster preemption (SLURM's --signal sends SIGUSR1 ahead of time) and Ctrl-C: train.py saves and stops
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def channels_first(pixels):
@@ -221,8 +225,7 @@ class CsvCaptions(Dataset):
             problem = f"no column {missing[0]!r}" if missing else "a column name given twice"
             raise ValueError(f"{path}: {problem} (columns: {columns}); "
                              f"set --csv-img-key / --csv-caption-key / --csv-separator")
-        root = os.path.dirname(os.path.abspath(path))
-        self.rows = []
+        self.rows, root = [], os.path.dirname(os.path.abspath(path))
         for row in reader:
             # None where a short row lacks the field
             image, caption = row[img_key], row[caption_key]
@@ -321,6 +324,22 @@ class TrainSet(Dataset):
         return torch.stack(images), captions, skipped, None
 
 
+def worker_signals(worker_id):
+    """Every loader's worker_init_fn (training and evaluation): workers leave a stop signal sent to the whole process
+    group (SLURM, `timeout`, Ctrl-C) to the main process (train.py finishes its step and saves); the main process's
+    own SIGTERM (as at its exit) ends them at once. (Linux; where there is no sigwaitinfo, as on macOS, workers keep
+    PyTorch's own signal handling.)"""
+    if hasattr(signal, "sigwaitinfo"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent():
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+        pass
+    os._exit(0)
+
+
 def steps_per_epoch(num_samples, global_batch):
     if num_samples < global_batch:
         raise ValueError(f"{num_samples} samples are fewer than one global batch of {global_batch}")
@@ -334,10 +353,9 @@ def global_batches(num_samples, batch_size, rank=0, world=1, seed=0, start=0, ac
     (--sync-bn) what one process would. Without: rank r takes rows [r*batch_size, (r+1)*batch_size). Infinite, from
     step `start`: a generator, which DataLoader takes as its sampler."""
     per_epoch = steps_per_epoch(num_samples, batch_size * world)
-    perm = None
     for step in itertools.count(start):
         epoch, b = divmod(step, per_epoch)
-        if b == 0 or perm is None:
+        if b == 0 or step == start:
             perm = default_rng([seed, epoch]).permutation(num_samples)
         rows = perm[b * world * batch_size:(b + 1) * world * batch_size]  # the global batch
         mine = rows.reshape(accum_steps, world, -1)[:, rank]  # [micro-batches, rows of each]
@@ -393,17 +411,16 @@ class TarShards(IterableDataset):
     before `start`; None: from the beginning) has worker w play slot (start + w) % workers from its position: it reads
     again at most the part of one shard it had read, whatever the step."""
 
-    def __init__(self, pattern, batch_size, resolution=224, rank=0, world=1, seed=0, start=0, workers=1,
-                 positions=None):
+    start, positions = 0, {}  # set by train.py's loader: the step it starts at, {slot: position} to resume from
+
+    def __init__(self, pattern, batch_size, resolution=224, rank=0, world=1, seed=0, workers=1):
         self.shards = expand_braces(pattern)
         missing = [s for s in self.shards if not os.path.isfile(s)]
         if missing:
             raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(self.shards)})")
         if len(self.shards) < world * max(1, workers):
             raise ValueError(f"{len(self.shards)} shards for {world} ranks x {workers} workers each")
-        self.batch_size, self.resolution, self.rank = batch_size, resolution, rank
-        self.world, self.seed, self.start = world, seed, start
-        self.positions = positions
+        self.batch_size, self.resolution, self.rank, self.world, self.seed = batch_size, resolution, rank, world, seed
 
     def __iter__(self):
         info = get_worker_info()
@@ -411,8 +428,7 @@ class TarShards(IterableDataset):
         slot = (self.start + (info.id if info else 0)) % workers
         shards = self.shards[self.rank * workers + slot::self.world * workers]
         step = self.start + (slot - self.start) % workers  # this slot's first step
-        position = self.positions[slot] if self.positions else None
-        first_pass, first_shard, read, found = position or (0, 0, 0, 0)
+        first_pass, first_shard, read, found = self.positions.get(slot) or (0, 0, 0, 0)
         images, captions, skipped = [], [], Counter()
         for epoch in itertools.count(first_pass):
             if epoch > first_pass:  # else a batch would hold a sample twice (or, with none, hang)
@@ -441,7 +457,6 @@ class TarShards(IterableDataset):
                         captions.append(caption)
                         if len(images) == self.batch_size:
                             yield torch.stack(images), captions, skipped, (epoch, j, k + 1, found)
-                            images, captions, skipped = [], [], Counter()
-                            step += workers
+                            images, captions, skipped, step = [], [], Counter(), step + workers
                 except (tarfile.TarError, EOFError, zlib.error):
                     skipped[f"damaged shard {os.path.basename(order[j])}"] += 1

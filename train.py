@@ -39,7 +39,6 @@ import pathlib
 import shlex
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections import Counter
@@ -152,8 +151,7 @@ def build_model(args, device):
         model, info = cloob.load_model(args.pretrained, **(dict(quick_gelu=False) if args.gelu else {}))
         tokenizer = cloob.tokenizer_for(model.config, args.tokenizer or info["tokenizer"])
     else:
-        config = cloob.CONFIGS[args.model]
-        tokenizer = None
+        config, tokenizer = cloob.CONFIGS[args.model], None
         # a new model takes its tokenizer's vocabulary (--bench's tokens are random)
         if not args.bench:
             tokenizer = cloob.Tokenizer(args.tokenizer or ("bytes" if args.train_data == "synthetic" else "clip"),
@@ -174,8 +172,9 @@ def settings(args, model, tokenizer, world):
     # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of 1e-6
     # (OpenAI's for ViTs) would damp its Adam steps
     eps = 1e-6 if vit and args.method == "clip" else 1e-8
+    # loader_slots: the streams a rank reads tar shards in (--workers 0 and 1: one)
     resolved = dict(beta2=args.beta2 or (0.98 if vit else 0.999), eps=args.eps or eps, tokenizer=tokenizer,
-                    world_size=world, global_batch=world * args.batch_size)
+                    world_size=world, global_batch=world * args.batch_size, loader_slots=max(1, args.workers))
     return argparse.Namespace(**vars(args) | resolved)
 
 
@@ -194,11 +193,11 @@ def build_loader(args, dataset, tokenizer, resolution, rank, world, start, posit
     Every item of the dataset is one batch: tar shards stream them from `positions` (their loader slots', as
     data.TarShards says), the others are indexed by data.global_batches. The loader is iterated once, forever."""
     kw = dict(batch_size=None, num_workers=args.workers, collate_fn=partial(_tokenize, tokenizer),
-              worker_init_fn=_worker_signals, pin_memory=torch.cuda.is_available())
+              worker_init_fn=data.worker_signals, pin_memory=torch.cuda.is_available())
     dataset.resolution = resolution  # images are made at the model's resolution
     epoch = data.steps_per_epoch(args.train_num_samples or len(dataset), args.batch_size * world)
     if isinstance(dataset, data.TarShards):
-        dataset.start, dataset.positions = start, list(positions)
+        dataset.start, dataset.positions = start, positions
         return iter(DataLoader(dataset, **kw)), epoch
     batches = dataset if isinstance(dataset, data.Synthetic) else data.TrainSet(dataset, resolution, args.seed)
     sampler = data.global_batches(len(dataset), args.batch_size, rank, world, args.seed, start, args.accum_steps)
@@ -209,20 +208,6 @@ def _tokenize(tokenizer, batch):  # in the loader workers
     images, captions, skipped, position = batch
     return images, tokenizer(captions), skipped, position
 
-
-def _worker_signals(worker_id):
-    """Loader workers leave a stop signal sent to the whole process group (SLURM, `timeout`, Ctrl-C) to the main
-    process, which finishes its step and saves; the main process's own SIGTERM (as at its exit) ends them at once.
-    (Linux; where there is no sigwaitinfo, as on macOS, workers keep PyTorch's own signal handling.)"""
-    if hasattr(signal, "sigwaitinfo"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        threading.Thread(target=_exit_on_sigterm_from_parent, daemon=True).start()
-
-
-def _exit_on_sigterm_from_parent():
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
-        pass
-    os._exit(0)
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
@@ -271,18 +256,14 @@ def resume(args, run_dir, model, optimizer, scaler):
         ours = dict(vars(args), **asdict(model.config))
         theirs = dict(ckpt["args"], **ckpt["config"])
         keys = [*ckpt["config"], *RESUME_KEYS, *(CLOOB_KEYS if args.method == "cloob" else [])]
-        # which shards feed which batch (0 workers read as 1)
-        if args.train_data.endswith(data.TAR_EXTS):
-            keys += ["workers", "world_size"]
-            ours["workers"], theirs["workers"] = max(1, ours["workers"]), max(1, theirs["workers"])
-        differ = [f"{k} {theirs.get(k)!r} -> {ours[k]!r}" for k in keys if theirs.get(k) != ours[k]]
+        if args.train_data.endswith(data.TAR_EXTS):  # which shards feed which batch
+            keys += ["loader_slots", "world_size"]
+        differ = [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in keys if theirs[k] != ours[k]]
         if differ:
             raise ValueError(f"--resume: this run differs from {path} in {'; '.join(differ)} (a new run: --pretrained)")
         model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        # this run's settings, in prepare's groups
-        for group, wd in zip(optimizer.param_groups, (args.wd, 0.0)):
-            group.update(weight_decay=wd, betas=(0.9, args.beta2), eps=args.eps)
+        # AdamW's moments and step counts; its settings (the groups) are this run's, as prepare made them
+        optimizer.load_state_dict(dict(ckpt["optimizer"], param_groups=optimizer.state_dict()["param_groups"]))
         if ckpt["scaler"]:  # an fp16 run's; a run switched to fp16 starts a new scale
             scaler.load_state_dict(ckpt["scaler"])
         changed = [f"; {k} {theirs[k]:g} -> {ours[k]:g}" for k in ("lr", "wd", "beta2", "eps") if theirs[k] != ours[k]]
@@ -412,7 +393,7 @@ def train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world):
     # fp16: the gradients' true values, inf where they overflowed (else nothing to do)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    finite = torch.stack([loss.detach().float(), grad_norm.float()]).isfinite().float()
+    finite = torch.stack([loss.detach(), grad_norm]).isfinite().float()
     if world > 1:  # not finite on any rank: the step is skipped everywhere
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     taken = finite.min()
@@ -478,8 +459,6 @@ def bench(args, model, device, world):
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-# cluster preemption (SLURM's --signal sends SIGUSR1 ahead of time) and Ctrl-C
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 RECEIVED = []  # stop signals this process got
 
 
@@ -491,32 +470,72 @@ def train(args, rank, world, device):
     args = settings(args, model, tokenizer.name, world)
     net, optimizer, scaler, ctx = prepare(args, model, device, world)
     start, last_good, stream = resume(args, run_dir, model, optimizer, scaler)
-    # this rank's loader slots' stream positions (tar shards; None: from the start)
-    positions = stream[rank] if stream else [None] * max(1, args.workers)
+    # this rank's loader slots' stream positions (tar shards; none: from the start)
+    positions = stream[rank] if stream else {}
     resolution = model.config.image_resolution
     batches, steps_per_epoch = build_loader(args, dataset, tokenizer, resolution, rank, world, start, positions)
     total = args.steps or args.epochs * steps_per_epoch
     if start >= total:  # a requeued job whose run has finished is not a failure
         print0(f"{run_dir} has finished: step {start} of {total}; nothing to do (raise --steps to go on)")
         return 0
-    tasks = None  # at zeroshot.py's batch size; its loader workers leave stop signals to this process too
+    tasks = None  # at zeroshot.py's batch size
     if args.zeroshot_data:
-        tasks = zeroshot.benchmark(args.zeroshot_data, resolution, workers=args.workers, worker_init_fn=_worker_signals)
+        tasks = zeroshot.benchmark(args.zeroshot_data, resolution, workers=args.workers)
     if rank == 0:
         open_run_dir(args, run_dir, start, total)
-    announce(args, model, device, total, run_dir)
-    monitor = Monitor(args, run_dir, start, total, steps_per_epoch)
+    print0(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+           f"{world} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> {run_dir}")
+    recipe = "the demo's" if args.train_data == "synthetic" else "the official CLOOB recipe's (real data)"
+    print0(f"defaults, {recipe}: {args.defaults}")
+    if args.warmup >= total:
+        print0(f"warning: the warm-up ({args.warmup} steps) is the whole run: the rate stays below --lr")
+    skipped = Counter()  # unusable samples, by reason
+    t0 = time.time()
+    waiting = 0.0  # for the next batch, in seconds
+    streak = nonfinite = overflows = 0  # steps skipped: not finite in a row, not finite in all, fp16 overflows
     for step in range(start, total):
         lr = get_lr(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, tokens, positions[step % len(positions)] = monitor.next_batch(batches)  # its loader slot's position
+        wait = time.time()
+        images, tokens, batch_skipped, positions[step % args.loader_slots] = next(batches)  # its loader slot's position
+        waiting += time.time() - wait
+        skipped += batch_skipped
         loss, finite = train_step(args, model, net, optimizer, scaler, ctx, images, tokens, world)
+        loss_finite, grads_finite = finite.tolist()  # the step's one wait for the device
+        if loss_finite and grads_finite:
+            streak = 0
+        elif loss_finite and args.precision == "fp16":  # GradScaler's calibration: the loss scale halves
+            overflows += 1
+        else:
+            streak += 1
+            nonfinite += 1
         done = step + 1
-        monitor.count(finite, done, last_good)
+        if streak == 5:  # the weights are those before the first of these steps
+            raise FloatingPointError(f"the loss or its gradients were not finite for 5 steps in a row (by step "
+                                     f"{done}); last checkpoint: {last_good}; try a lower --lr")
         if done % args.log_every == 0 or done == total:
-            monitor.log(done, lr, loss, model, scaler)
-        stop = monitor.stop_signal()
+            # the loss averaged and unusable samples summed over ranks (CPU tensors: gloo, no device sync)
+            stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(stats)
+            elapsed = time.time() - t0
+            event = dict(step=done, epoch=done / steps_per_epoch, loss=stats[0].item() / world, lr=lr,
+                         inv_temperature=model.logit_scale.exp().item(), data_wait=waiting / elapsed,
+                         samples_per_s=(done - start) * args.global_batch / elapsed, skipped=int(stats[1]),
+                         nonfinite_steps=nonfinite, fp16_overflows=overflows)
+            line = (f"step {done}/{total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
+                    f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
+                    f"{event['data_wait']:.0%} eta {(total - done) / (done - start) * elapsed / 60:.1f} min")
+            line += f" skipped {dict(skipped)}" if skipped else ""
+            line += f" non-finite: {nonfinite} steps skipped" if nonfinite else ""
+            if overflows:
+                line += f" fp16 overflows: {overflows} (loss scale now 2^{math.log2(scaler.get_scale()):g})"
+            print0(line, run_dir, event)
+        stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)  # a stop signal's number, or 0
+        if world > 1:  # a rank may get the signal a step after another: the MAX makes them agree
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        stop = int(stop)
         save_now = done % args.save_every == 0 or done == total or stop
         evaluate_now = (args.zeroshot_every and done % args.zeroshot_every == 0) or done == total
         if world > 1 and (save_now or evaluate_now):  # without --sync-bn, each rank's BatchNorm statistics drift
@@ -525,100 +544,20 @@ def train(args, rank, world, device):
         if save_now:
             last_good = save(args, run_dir, model, tokenizer, optimizer, scaler, done, positions)
         if evaluate_now and tasks:  # also at a stop: the resumed run starts after this step
-            evaluate(model, tokenizer, tasks, device, done, run_dir)
+            # every rank evaluates its share of the images and gets the same results
+            results = zeroshot.evaluate(model.eval(), tokenizer, *tasks, device)
+            model.train()
+            top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
+            line = "  ".join(f"{k} {v:.4f}" for k, v in top1.items())
+            print0(f"step {done}: {line}", run_dir, dict(step=done, **top1))
         if stop and done < total:
             print0(f"stopped by {signal.Signals(stop).name} after step {done}: saved {last_good}; continue with the "
                    f"same command and --name {shlex.quote(args.name)} --resume latest")
             if world > 1:
-                dist.barrier(group=monitor.cpu_group)  # every rank exits after rank 0 has saved
+                dist.barrier()  # every rank exits after rank 0 has saved
             return 128 + stop
     print0(f"done: checkpoints and metrics.jsonl in {run_dir}")
     return 0
-
-
-def announce(args, model, device, total, run_dir):
-    """The start line; the data's defaults in effect, as flags; a warm-up as long as the run is a warning."""
-    print0(f"{args.method} {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-           f"{args.world_size} x {args.batch_size} per step, {total} steps, {args.precision} on {device.type} -> "
-           f"{run_dir}")
-    recipe = "the demo's" if args.train_data == "synthetic" else "the official CLOOB recipe's (real data)"
-    print0(f"defaults: {recipe}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.defaults.items()))
-    if args.warmup >= total:
-        print0(f"warning: the warm-up ({args.warmup} steps) is the whole run: the rate stays below --lr")
-
-
-class Monitor:
-    """The loop's bookkeeping on this rank: the time spent waiting for batches, unusable samples, skipped steps (the
-    fifth non-finite one in a row stops the run; fp16 overflows, GradScaler's calibration, are counted apart), the
-    log line with its metrics.jsonl event, and the stop-signal agreement. Sums over ranks and the agreement go through
-    a CPU process group."""
-
-    def __init__(self, args, run_dir, start, total, steps_per_epoch):
-        self.args, self.run_dir = args, run_dir
-        self.start, self.total, self.steps_per_epoch = start, total, steps_per_epoch
-        self.cpu_group = dist.new_group(backend="gloo") if args.world_size > 1 else None
-        self.t0 = time.time()
-        self.waiting = 0.0  # for batches, in seconds
-        self.skipped = Counter()  # unusable samples, by reason
-        self.streak = self.nonfinite = self.overflows = 0  # steps skipped: not finite in a row, in all; fp16 overflows
-
-    def next_batch(self, batches):
-        """-> this rank's next (images, tokens, stream position), the wait timed, its unusable samples counted."""
-        wait = time.time()
-        images, tokens, skipped, position = next(batches)
-        self.waiting += time.time() - wait
-        self.skipped += skipped
-        return images, tokens, position
-
-    def count(self, finite, done, last_good):
-        """Counts a step by its flags [loss finite, gradients finite] (read here: the step's one wait for the device)."""
-        loss_finite, grads_finite = finite.tolist()
-        if loss_finite and grads_finite:
-            self.streak = 0
-        elif loss_finite and self.args.precision == "fp16":  # GradScaler's calibration: the loss scale halves
-            self.overflows += 1
-        else:
-            self.streak += 1
-            self.nonfinite += 1
-        if self.streak == 5:  # the weights are those before the first of these steps
-            raise FloatingPointError(f"the loss or its gradients were not finite for 5 steps in a row (by step "
-                                     f"{done}); last checkpoint: {last_good}; try a lower --lr")
-
-    def log(self, done, lr, loss, model, scaler):
-        """A line, and (rank 0) an event in metrics.jsonl: the loss averaged and the unusable samples summed over the
-        ranks."""
-        args, elapsed, skipped = self.args, time.time() - self.t0, self.skipped
-        stats = torch.tensor([loss.item(), sum(skipped.values())], dtype=torch.float64)
-        if args.world_size > 1:
-            dist.all_reduce(stats, group=self.cpu_group)
-        event = dict(step=done, epoch=done / self.steps_per_epoch, loss=stats[0].item() / args.world_size, lr=lr,
-                     inv_temperature=model.logit_scale.exp().item(), data_wait=self.waiting / elapsed,
-                     samples_per_s=(done - self.start) * args.global_batch / elapsed, skipped=int(stats[1]),
-                     nonfinite_steps=self.nonfinite, fp16_overflows=self.overflows)
-        line = (f"step {done}/{self.total} epoch {event['epoch']:.2f} loss {event['loss']:.4f} lr {lr:.2e} 1/T "
-                f"{event['inv_temperature']:.1f} {event['samples_per_s']:.0f} samples/s data "
-                f"{event['data_wait']:.0%} eta {(self.total - done) / (done - self.start) * elapsed / 60:.1f} min")
-        line += f" skipped {dict(skipped)}" if skipped else ""
-        line += f" non-finite: {self.nonfinite} steps skipped" if self.nonfinite else ""
-        if self.overflows:
-            line += f" fp16 overflows: {self.overflows} (loss scale now 2^{math.log2(scaler.get_scale()):g})"
-        print0(line, self.run_dir, event)
-
-    def stop_signal(self):
-        """A stop signal's number, or 0, the same on every rank: one may get it a step after another (the MAX)."""
-        stop = torch.tensor(RECEIVED[0] if RECEIVED else 0)
-        if self.args.world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return int(stop)
-
-
-def evaluate(model, tokenizer, tasks, device, done, run_dir):
-    """Zero-shot top-1 of the model as it is after step `done`, printed and logged; every rank evaluates its share
-    of the images and gets the same results."""
-    results = zeroshot.evaluate(model.eval(), tokenizer, *tasks, device)
-    model.train()
-    top1 = {f"zeroshot/{task}/top1": r["top1"] for task, r in results.items()}
-    print0(f"step {done}: " + "  ".join(f"{k} {v:.4f}" for k, v in top1.items()), run_dir, dict(step=done, **top1))
 
 
 def main(argv=None):
@@ -646,6 +585,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # from here on a stop signal is a request: the loop saves after its step and returns
-    for s in STOP_SIGNALS:
+    for s in data.STOP_SIGNALS:
         signal.signal(s, lambda number, frame: RECEIVED.append(number))
     main()

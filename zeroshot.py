@@ -86,10 +86,11 @@ def evaluate(model, tokenizer, tasks, batches, device="cpu"):
             hits = (top == y[:, None]) & scores.gather(1, y[:, None]).isfinite()
             counts[name] += torch.tensor([hits[:, 0].sum(), hits.sum(), len(y)])
     parts = _all_ranks((counts, skipped))  # every rank's counts, summed
+    skipped = sum(s for _, s in parts)
     results = {}
     for name in tasks:
         top1, top5, n = sum(part[name] for part, _ in parts).tolist()
-        results[name] = dict(top1=top1 / max(n, 1), top5=top5 / max(n, 1), n=int(n), skipped=sum(s for _, s in parts))
+        results[name] = dict(top1=top1 / max(n, 1), top5=top5 / max(n, 1), n=int(n), skipped=skipped)
     return results
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -134,7 +135,7 @@ def _all_ranks(part):
     return parts
 
 
-def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, templates=None, worker_init_fn=None):
+def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, templates=None):
     """-> (tasks, this rank's batches of their images), for evaluate(). `where`: an
     image folder (one task, named after the folder: its classes, as class_task says), or "synthetic": the built-in
     benchmark, 500 images of the held-out shape/colour/position triples with their shape and colour tasks, in one
@@ -142,7 +143,7 @@ def benchmark(where, resolution, batch_size=256, workers=2, classnames=None, tem
     if where != "synthetic":
         folder = data.ImageFolder(where)
         tasks = {folder.task: class_task(folder, classnames, templates)}
-        return tasks, loader(folder, resolution, batch_size, workers, worker_init_fn)
+        return tasks, loader(folder, resolution, batch_size, workers)
     if classnames or templates:
         raise ValueError("--data synthetic has its own class names and templates")
     pixels, _, labels = data.Synthetic(500, resolution, "heldout").render(range(500))
@@ -169,12 +170,12 @@ def _load_batch(resolution, items):
     return images, {k: torch.tensor([x[k] for x in labels]) for k in items[0][2]}, skipped
 
 
-def loader(dataset, resolution, batch_size=256, workers=2, worker_init_fn=None):
+def loader(dataset, resolution, batch_size=256, workers=2):
     """Batches of a folder or CSV dataset (this rank's share), as _load_batch makes them, read by `workers`
     processes."""
     part = Subset(dataset, range(len(dataset))[_shard(len(dataset))])
     return Loader(part, batch_size=batch_size, num_workers=workers, collate_fn=partial(_load_batch, resolution),
-                      worker_init_fn=worker_init_fn, pin_memory=torch.cuda.is_available())
+                      worker_init_fn=data.worker_signals, pin_memory=torch.cuda.is_available())
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 
@@ -229,6 +230,10 @@ def retrieval(args, model, tokenizer, device):
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
+def repeated(names):
+    return sorted(name for name, n in Counter(names).items() if n > 1)
+
+
 def read_lines(path):
     """A UTF-8 text file's lines, stripped, the empty ones left out."""
     return [line.strip() for line in pathlib.Path(path).read_text("utf-8").splitlines() if line.strip()]
@@ -276,8 +281,8 @@ def classify_images(args, model, tokenizer, device):
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         raise ValueError(f"--labels {args.labels!r} names no label")
-    if len(set(labels)) < len(labels):
-        raise ValueError(f"--labels: {sorted({x for x in labels if labels.count(x) > 1})} repeated")
+    if repeated(labels):
+        raise ValueError(f"--labels: {repeated(labels)} repeated")
     templates = read_templates(args.templates) if args.templates else ("{}",)  # else: the label alone
     w = classifier(model, tokenizer, labels, templates, device)
     transform = partial(data.preprocess, resolution=model.config.image_resolution)
@@ -311,9 +316,8 @@ def class_task(folder, classnames=None, templates=None):
         names = read_lines(classnames)
     if len(names) != len(folder.classes):
         raise ValueError(f"{classnames}: {len(names)} class names for {len(folder.classes)} class folders")
-    repeated = sorted(name for name, n in Counter(names).items() if n > 1)
-    if repeated and cloob.rank0():  # two classes named alike score alike: top-k credits one of them
-        print(f"warning: class names given twice: {repeated}", file=sys.stderr)
+    if repeated(names) and cloob.rank0():  # two classes named alike score alike: top-k credits one of them
+        print(f"warning: class names given twice: {repeated(names)}", file=sys.stderr)
     return names, read_templates(templates or "ensemble")
 
 
@@ -322,7 +326,6 @@ def main(argv=None):
     """Under torchrun --data and --retrieval split the images over the ranks (NCCL or gloo); rank 0 alone prints and
     writes --output."""
     args = parse_args(argv)
-    own_group = not dist.is_initialized()  # a caller's process group is left as it is
     rank, _, device = cloob.setup_distributed()
     if rank > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -347,7 +350,7 @@ def main(argv=None):
         print(f"zeroshot.py: error: {str(e).strip().splitlines()[-1]}", file=sys.__stderr__ if rank else sys.stderr)
         sys.exit(1)
     finally:
-        if own_group and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
