@@ -244,16 +244,39 @@ def test_openai_torchscript_archive_loads():
     assert rel_err(outputs(model, d["image"], d["text"])[1], d["text_features"]) < 0.01  # fp16 rounding only
 
 
-@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
-def test_keys_and_shapes_match_openai(name):
-    expected = {}
+def openai_layout(name):
+    """{key: (shape, dtype)} of OpenAI's released model `name` (reference/NAME.state_dict.txt)."""
+    layout = {}
     for line in open(ref(f"{name}.state_dict.txt")):
         key, rest = line.split(" ", 1)
         shape, dtype = rest.rsplit(" ", 1)
-        expected[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype.strip())
+        layout[key] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype.strip())
+    return layout
+
+
+@pytest.mark.parametrize("name", ["RN50", "ViT-B-32"])
+def test_keys_and_shapes_match_openai(name):
     with torch.device("meta"):  # shapes only
         model = cloob.CLIP(cloob.CONFIGS[name])
-    assert {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()} == expected
+    layout = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+    assert layout == openai_layout(name)
+
+
+@pytest.mark.parametrize("name,vision_heads", [("RN50", 32), ("ViT-B-32", 12)])
+def test_a_state_dict_that_records_no_heads_gets_openais(name, vision_heads):
+    """A bare state dict or TorchScript archive records no head count: the architecture read from OpenAI's full-size
+    shapes alone, without overrides, is OpenAI's (8 text heads of 64; ViT-B/32: 12 vision heads; RN50's attention
+    pool: 32 heads, width 64 x 32 / 64, as OpenAI's build_model sets them)."""
+    sd = {k: torch.empty(shape, device="meta") for k, (shape, _) in openai_layout(name).items()}
+    config = cloob.infer_config(sd)
+    assert config == cloob.CONFIGS[name]
+    with torch.device("meta"):
+        model = cloob.CLIP(config)
+    assert model.transformer.resblocks[0].attn.num_heads == 8
+    if name == "RN50":
+        assert model.visual.attnpool.heads == vision_heads
+    else:
+        assert model.visual.transformer.resblocks[0].attn.num_heads == vision_heads
 
 
 def test_text_features_ignore_tokens_after_end():
@@ -546,11 +569,12 @@ def _two_ranks(rank, tmp, eval_folder):
         dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv{mode[0]}", rank=rank, world_size=2)
         zeroshot.main(["--model", str(eval_folder / "run"), *mode, "--workers", "0", "--batch-size", "4",
                        "--output", f"{tmp}/{mode[0][2:]}{rank}.json"])
-    # tar shards, 2 ranks x 2 loader workers, 2 batches a pass each: a straight run, and one that rank 1 alone stops
-    # in its third step, then resumed
+    # tar shards, 2 ranks x 2 loader workers, each slot one shard of 4 samples (rank 1's second: 5), batches of 2: a
+    # straight run, and one that rank 1 alone stops in its sixth step (the slots' positions now differ between the
+    # ranks), then resumed
     tar = [*FAST, "--train-data", f"{tmp}/shards/{{00000..00003}}.tar", "--train-num-samples", "16", "--tokenizer",
            "bytes", "--batch-size", "2", "--workers", "2", "--steps", "8", "--logs-dir", tmp, "--name"]
-    out["tar"] = [_train_on_two_ranks(rank, tmp, [*tar, "straight"]), _train_on_two_ranks(rank, tmp, [*tar, "r"], 3),
+    out["tar"] = [_train_on_two_ranks(rank, tmp, [*tar, "straight"]), _train_on_two_ranks(rank, tmp, [*tar, "r"], 6),
                   _train_on_two_ranks(rank, tmp, [*tar, "r", "--resume", "latest"])]
     # rank 1's shard holds no usable sample
     bad = [*tar[:-1], "--workers", "0", "--train-data", f"{tmp}/shards/{{00004..00005}}.tar", "--name", "bad"]
@@ -563,6 +587,11 @@ def two_ranks(tmp_path_factory, eval_folder):
     """-> (the folder of the two ranks' outputs, [rank 0's results, rank 1's])."""
     tmp = tmp_path_factory.mktemp("ranks")
     write_shards(tmp / "shards", 5, 4)
+    members = []
+    for shard, first in (("00003", 0), ("00004", 6)):  # rank 1's second loader slot reads 5 samples a pass, not 4
+        with tarfile.open(tmp / "shards" / f"{shard}.tar") as tar:
+            members += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()[first:first + 8]]
+    write_tar(tmp / "shards" / "00003.tar", members[:10])
     write_tar(tmp / "shards" / "00005.tar", [(f"{i}.jpg", b"not a jpeg") for i in range(4)])
     mp.spawn(_two_ranks, args=(str(tmp), eval_folder), nprocs=2)
     return tmp, [torch.load(tmp / f"out{rank}.pt", weights_only=True) for rank in range(2)]
@@ -613,8 +642,9 @@ def test_a_step_not_finite_on_one_rank_is_skipped_on_both(flags, two_ranks):
 
 
 def test_a_stop_on_one_rank_stops_both_and_tar_shards_resume_exactly(two_ranks):
-    """SIGTERM on rank 1 alone: both ranks stop after the same step, rank 0 saves every rank's loader positions, and
-    the resumed run (4 loader slots over 2 passes of their shards) ends with the straight run's weights."""
+    """SIGTERM on rank 1 alone: both ranks stop after the same step, rank 0 saves every rank's loader positions (which
+    differ between the ranks), and the resumed run (4 loader slots, 2 passes of their shards) ends with the straight
+    run's weights."""
     folder, outs = two_ranks
     assert [out["tar"][1][0] for out in outs] == [128 + signal.SIGTERM] * 2
     assert [c for out in outs for c, _ in (out["tar"][0], out["tar"][2])] == [None] * 4
@@ -864,7 +894,37 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path):
     assert (data.preprocess(image, 16) - data.preprocess(eight_bit, 16)).abs().max() < 0.05
 
 
+def torchvision_get_params(width, height, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params (torchvision/transforms/transforms.py), transcribed with a numpy
+    Generator for torch's: the area and the log aspect ratio uniform, 10 tries, then the centre crop clamped to the
+    ratio range. Left is drawn before top (torchvision draws top first). -> (left, top, right, bottom)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            j = int(rng.integers(0, width - w + 1))
+            i = int(rng.integers(0, height - h + 1))
+            return j, i, j + w, i + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    i, j = (height - h) // 2, (width - w) // 2
+    return j, i, j + w, i + h
+
+
 def test_training_crop_is_torchvisions_random_resized_crop():
+    for width, height in ((200, 200), (640, 480), (300, 420), (400, 40), (40, 400)):  # boxes from the same stream
+        ours, theirs = np.random.default_rng(width), np.random.default_rng(width)
+        for _ in range(300):
+            assert data.crop_box(width, height, ours) == torchvision_get_params(width, height, theirs)
     rng = np.random.default_rng(0)
     boxes = [data.crop_box(200, 200, rng) for _ in range(4000)]
     covered = [(r - l) * (b - t) / 200 ** 2 for l, t, r, b in boxes]
@@ -873,6 +933,21 @@ def test_training_crop_is_torchvisions_random_resized_crop():
     assert aspect.mean() < 0.05  # square crops of 0.9-1.0 of a square image only fit near aspect 1
     assert data.crop_box(400, 40, np.random.default_rng(0)) == (173, 0, 226, 40)  # the fallback: centre, aspect 4/3
 
+
+
+def test_a_jpeg_crop_decoded_in_draft_mode_keeps_the_output_resolution():
+    """PIL's draft mode decodes a large JPEG at a reduced DCT scale: the crop must keep at least the output's pixels
+    across, so it matches the crop of the fully decoded photo up to JPEG's rounding (mean error 3.6-3.8 of 255 on
+    this 1280 x 960 texture at 224 px; decoding at half that scale gives 21-22: a blurred crop)."""
+    noise = np.random.default_rng(0).random((240, 320, 3)) * 255
+    buf = io.BytesIO()
+    Image.fromarray(noise.astype(np.uint8)).resize((1280, 960), Image.BICUBIC).save(buf, "JPEG", quality=95)
+    for seed in range(3):
+        full = Image.open(io.BytesIO(buf.getvalue()))
+        full.load()  # decoded whole: draft mode no longer applies
+        drafted = data.random_resized_crop(Image.open(io.BytesIO(buf.getvalue())), 224, np.random.default_rng(seed))
+        whole = data.random_resized_crop(full, 224, np.random.default_rng(seed))
+        assert (drafted.float() - whole.float()).abs().mean() < 8
 
 
 def test_training_crops_change_with_the_step_not_with_the_rank(tmp_path):
@@ -903,6 +978,19 @@ def test_synthetic_data_is_deterministic_and_holds_out_combinations():
     for name, (classes, templates) in data.ZEROSHOT_TASKS.items():  # prompts are not training captions
         assert len(classes) >= 4 and not any(t.split()[1] in c for t in templates for c in data.CAPTIONS)
 
+
+
+def test_the_synthetic_benchmark_shows_only_combinations_training_never_draws():
+    """Each image of zeroshot.py's synthetic benchmark: its shape and colour (the labels) and its position (where its
+    coloured pixels lie) form a triple the training split never draws."""
+    tasks, [(images, labels, _)] = zeroshot.benchmark("synthetic", 32)
+    std, mean = torch.tensor(data.STD)[:, None, None], torch.tensor(data.MEAN)[:, None, None]
+    pixels = ((images * std + mean) * 255).numpy()  # [n, 3, R, R]
+    positions = np.array(list(data.POSITIONS.values()))  # [5, 2] (x, y)
+    for image, shape, colour in zip(pixels, labels["shape"], labels["colour"]):
+        ys, xs = np.nonzero(image.max(0) - image.min(0) > 80)  # the coloured shape, not the grey background
+        where = list(data.POSITIONS)[np.abs(positions - [xs.mean() / 31, ys.mean() / 31]).sum(1).argmin()]
+        assert data.is_heldout(tasks["shape"][0][shape], tasks["colour"][0][colour], where)
 
 
 def test_synthetic_shapes_are_drawn_where_and_as_their_captions_say():
