@@ -324,7 +324,7 @@ def class_task(folder, classnames=None, templates=None):
 @torch.no_grad()
 def main(argv=None):
     """Under torchrun --data and --retrieval split the images over the ranks (NCCL or gloo); rank 0 alone prints and
-    writes --output."""
+    writes --output. The process group it runs in (its own, or one already started) is ended when it returns."""
     args = parse_args(argv)
     rank, _, device = cloob.setup_distributed()
     if rank > 0:
