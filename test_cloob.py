@@ -1500,6 +1500,7 @@ def test_csv_column_flags_epochs_defaults_and_hopfield_beta(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(losses(tmp_path / "epoch")) == 2 and "the warm-up (2 steps) is the whole run" in out
     assert "defaults, the demo's: {'restart_cycles': 1, 'zeroshot_data': 'synthetic'}\n" in out
+    assert train.parse_args(["--epochs", "1", "--steps", "3"]).steps == 3  # --steps wins
 
 
 def test_zeroshot_data_flag_evaluates_a_folder_during_training(eval_folder, tmp_path):
