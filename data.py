@@ -407,8 +407,8 @@ class TarShards(IterableDataset):
     the damage, then skipped and counted by name.
     DataLoader takes batches from its workers in turn, so step s is made by "slot" s % workers of this rank. A batch
     carries its slot's stream position after it: (pass, shard in that pass's order, samples read from the shard,
-    usable samples found in the pass). A run resumed at `start` from `positions` (each slot's after its last batch
-    before `start`; None: from the beginning) has worker w play slot (start + w) % workers from its position: it reads
+    usable samples found in the pass). A run resumed at `start` from `positions` ({slot: its position after its last
+    batch before `start`}; a slot not in it starts at the beginning) has worker w play slot (start + w) % workers from its position: it reads
     again at most the part of one shard it had read, whatever the step."""
 
     start, positions = 0, {}  # set by train.py's loader: the step it starts at, {slot: position} to resume from

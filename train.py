@@ -166,7 +166,8 @@ def build_model(args, device):
 
 def settings(args, model, tokenizer, world):
     """The run's settings, resolved once the model is known: the command's (with the data's defaults), AdamW's beta2
-    and eps for the model trained (preset or loaded), and what a resume must match (tokenizer, ranks, global batch).
+    and eps for the model trained (preset or loaded), and what a resume must match (tokenizer, ranks, global batch,
+    loader slots).
     Every step after this reads them; config.json and each checkpoint record them; a resume compares them."""
     vit = isinstance(model.config.vision_layers, int)
     # CLOOB's loss carries a factor 1/inv_tau: its gradients are ~100x smaller than CLIP's, and an epsilon of 1e-6

@@ -175,7 +175,7 @@ def loader(dataset, resolution, batch_size=256, workers=2):
     processes."""
     part = Subset(dataset, range(len(dataset))[_shard(len(dataset))])
     return Loader(part, batch_size=batch_size, num_workers=workers, collate_fn=partial(_load_batch, resolution),
-                      worker_init_fn=data.worker_signals, pin_memory=torch.cuda.is_available())
+                  worker_init_fn=data.worker_signals, pin_memory=torch.cuda.is_available())
 
 # ---------------------------------------------------------------------------------------------------- retrieval
 
@@ -231,6 +231,7 @@ def retrieval(args, model, tokenizer, device):
 
 
 def repeated(names):
+    """The names given more than once, sorted."""
     return sorted(name for name, n in Counter(names).items() if n > 1)
 
 
